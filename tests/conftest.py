@@ -1,0 +1,21 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+GOLDEN_NAME = "mamba_ssm_2.3.2.post1_reference.pt"
+
+
+@pytest.fixture(scope="session")
+def golden_path() -> Path:
+    """Path of mamba-ssm's reference outputs: $PROT_LIB_GOLDEN, else ../shared/golden/ next to the repo.
+
+    Only resolves the path; tests load it and fail (never skip) when it is missing, because CI has it.
+    """
+    env = os.environ.get("PROT_LIB_GOLDEN")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "golden" / GOLDEN_NAME
