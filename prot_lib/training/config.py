@@ -1,0 +1,253 @@
+"""Run configuration: YAML in, validated and typed objects out.
+
+Every fix the write-up proposes is one key here, read in one place:
+
+=========================  ===========================================  =====================================
+write-up                   key                                          read by
+=========================  ===========================================  =====================================
+gradient clipping          ``training.gradient_clip_val`` (+ ``_algorithm``)  ``Trainer(gradient_clip_val=...)``
+the write-up's clip site   ``training.clip_via: configure_optimizers``  ``NaNStudyModule.configure_optimizers``
+NaN detection/replacement  ``training.sanitize: writeup``               ``NaNStudyModule._step``
+gradient monitoring        ``training.monitor_gradients``               ``NaNStudyModule.on_before_optimizer_step``
+learning-rate warmup       ``training.warmup.enabled``                  ``NaNStudyModule.configure_optimizers``
+LayerNorm in BiMamba       ``model.norm: layernorm``                    ``BiMamba``
+smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
+(ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
+=========================  ===========================================  =====================================
+
+The write-up promises that old config files keep working: every new key has a default, and a file
+holding only ``training: {lr, weight_decay, gradient_clip_val, loss_fn}`` loads. Unknown keys and bad
+types raise :class:`ConfigError` naming the key path (``training.warmup.gamma``).
+
+Note on YAML: PyYAML reads ``lr: 1e-4`` (no dot) as the *string* "1e-4" (YAML 1.1 floats need a
+dot). The write-up's own example is written that way, so numbers given as strings are converted
+(pydantic's lax mode) rather than rejected.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+FIXES = ("none", "clip", "dict-clip", "sanitize", "warmup", "layernorm", "normalize", "lower-lr", "all")
+#: the fixes combined by ``--fix all`` (dict-clip is the write-up's broken variant of clip)
+ALL_FIXES = ("clip", "sanitize", "warmup", "layernorm", "normalize")
+
+
+class ConfigError(ValueError):
+    """A configuration file or dict is invalid; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WarmupConfig(_Strict):
+    """LinearLR warmup then StepLR decay, chained by SequentialLR (the write-up's 'Alternative 1').
+
+    ``start_factor``, ``total_iters`` and ``step_size`` count in ``interval`` units: optimizer steps
+    for ``interval: step`` (what warmup is meant to be), epochs for ``interval: epoch`` (Lightning's
+    default for a scheduler, and the pitfall shown in chapter 6).
+    """
+
+    enabled: bool = False
+    start_factor: float = Field(0.1, gt=0.0, le=1.0)
+    total_iters: int = Field(100, ge=1)
+    step_size: int = Field(1000, ge=1)
+    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    interval: Literal["step", "epoch"] = "step"
+
+
+class DataConfig(_Strict):
+    """Which dataset and how it is prepared."""
+
+    name: Literal["ishigami", "dyconex"] = "ishigami"
+    data_dir: Optional[str] = None
+    normalize: bool = False
+
+
+class ModelConfig(_Strict):
+    """Arguments of :class:`prot_lib.models.S6Regressor` (mamba-ssm's names)."""
+
+    d_model: int = Field(16, ge=1)
+    n_layers: int = Field(4, ge=1)
+    d_state: int = Field(16, ge=1)
+    d_conv: int = Field(4, ge=1)
+    expand: int = Field(2, ge=1)
+    norm: Optional[Literal["layernorm", "rmsnorm"]] = None
+    residual: bool = True
+    combine: Literal["add", "mean"] = "add"
+    pooling: Literal["mean", "last"] = "mean"
+    backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
+
+    @field_validator("norm", mode="before")
+    @classmethod
+    def _none_strings(cls, v: Any) -> Any:
+        return None if v in ("none", "None", "null", False) else v
+
+
+class TrainingConfig(_Strict):
+    """Optimisation settings; the write-up's keys keep the write-up's names and defaults."""
+
+    lr: float = Field(1e-4, gt=0.0, description="learning rate of AdamW, per optimizer step")
+    weight_decay: float = Field(0.0, ge=0.0)
+    gradient_clip_val: Optional[float] = Field(1.0, ge=0.0, description="0 or null disables clipping")
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    clip_via: Literal["trainer", "configure_optimizers"] = "trainer"
+    loss_fn: Literal["mse", "mae", "huber"] = "mse"
+    max_epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    k_fold: int = Field(5, ge=2)
+    seed: int = 0
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    sanitize: Literal["off", "writeup"] = "off"
+    monitor_gradients: bool = False
+    log_param_grad_norms: bool = False
+    mask_missing_targets: bool = False
+
+    @field_validator("sanitize", mode="before")
+    @classmethod
+    def _sanitize_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return "writeup" if v else "off"
+        return v
+
+    @property
+    def clip_enabled(self) -> bool:
+        return bool(self.gradient_clip_val)
+
+
+class RunConfig(_Strict):
+    """A whole run: ``name``, ``data``, ``model``, ``training``."""
+
+    name: str = "run"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def updated(self, overrides: Mapping[str, Any]) -> "RunConfig":
+        """A copy with nested ``overrides`` merged in (validated), e.g. ``{"training": {"lr": 1e-3}}``
+        or dotted keys ``{"training.lr": 1e-3}``."""
+        return config_from_dict(deep_merge(self.to_dict(), _undot(overrides)), source="overrides")
+
+
+def _undot(d: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in d.items():
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _undot(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict:
+    """Recursively merge ``overlay`` into a copy of ``base`` (overlay wins)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e.get("type") != "missing" and "input" in e else ""
+        lines.append(f"  {path}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def config_from_dict(d: Optional[Mapping[str, Any]], source: str = "<dict>") -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: unknown key or bad type/value; the message names ``source`` and each key path.
+    """
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping, got {type(d).__name__}")
+    try:
+        return RunConfig.model_validate(dict(d))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: Union[str, Path]) -> RunConfig:
+    """Read a YAML file with ``yaml.safe_load`` and validate it.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key or bad type (names file and key path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {err}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def _read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def named_config(name: str) -> RunConfig:
+    """A config shipped in ``prot_lib/configs/`` by its stem, e.g. ``"ishigami_unmitigated"``.
+
+    Raises:
+        ConfigError: no such config (lists the available names).
+    """
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no shipped config named {name!r}; available: {', '.join(names)}")
+    return load_config(path)
+
+
+def fix_overlay(fix: str) -> dict:
+    """The overrides one fix applies (``prot_lib/configs/fixes/<fix>.yaml``); ``all`` merges
+    :data:`ALL_FIXES`; ``none`` is empty.
+
+    Raises:
+        ConfigError: unknown fix name (lists the valid ones).
+    """
+    if fix not in FIXES:
+        raise ConfigError(f"unknown fix {fix!r}; valid: {', '.join(FIXES)}")
+    if fix == "none":
+        return {}
+    if fix == "all":
+        merged: dict = {}
+        for f in ALL_FIXES:
+            merged = deep_merge(merged, fix_overlay(f))
+        return merged
+    return _read_yaml(CONFIG_DIR / "fixes" / f"{fix}.yaml")
+
+
+def reproduction_config(dataset: str, fix: str = "none") -> RunConfig:
+    """The shipped unmitigated config of ``dataset`` with one fix (or all) applied on top.
+
+    Raises:
+        ConfigError: unknown dataset or fix.
+    """
+    if dataset not in ("ishigami", "dyconex"):
+        raise ConfigError(f"unknown dataset {dataset!r}; valid: ishigami, dyconex")
+    base = _read_yaml(CONFIG_DIR / f"{dataset}_unmitigated.yaml")
+    cfg = config_from_dict(deep_merge(base, fix_overlay(fix)), source=f"{dataset}_unmitigated.yaml + fix {fix}")
+    if fix != "none":
+        cfg = cfg.updated({"name": f"{dataset}_{fix}"})
+    return cfg

@@ -1,0 +1,220 @@
+"""k-fold training with scikit-learn's ``KFold``, one fresh, seeded model per fold.
+
+This is the write-up's protocol: on Ishigami the first fold trained and a later fold went NaN. Each
+fold re-seeds (``seed + fold``) and re-initialises the model, so a fold's fate depends on its data
+split and its initial weights, not on the previous fold.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from sklearn.model_selection import KFold
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..data import SequenceData, load_dataset
+from .config import RunConfig
+from .history import HistoryRecorder, params_all_finite
+from .module import NaNStudyModule
+
+SUMMARY_COLUMNS = [
+    "fold", "n_steps", "first_nonfinite_loss_step", "first_nonfinite_grad_step",
+    "first_nonfinite_param_step", "first_nonfinite_epoch", "final_val_rmse", "params_finite_end",
+]
+
+
+def _in_ci_or_papermill() -> bool:
+    return bool(os.environ.get("CI")) or bool(os.environ.get("PAPERMILL_EXECUTION")) or "PYTEST_CURRENT_TEST" in os.environ
+
+
+def _plain(v):
+    """pandas/numpy scalars -> JSON-ready Python values (missing -> None)."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    return v
+
+
+def _first_step(df: pd.DataFrame, bad: pd.Series) -> Optional[int]:
+    hit = df.loc[bad, "step"]
+    return int(hit.iloc[0]) if len(hit) else None
+
+
+@dataclass
+class KFoldResult:
+    """What :func:`run_kfold` returns.
+
+    Attributes:
+        config: the run's :class:`RunConfig`.
+        history: one row per optimizer step (see :mod:`prot_lib.training.history`).
+        epochs: one row per validation epoch (fold, epoch, step, val_loss, val_rmse).
+        summary: one row per fold: ``first_nonfinite_loss_step`` (first step whose raw loss is
+            non-finite), ``first_nonfinite_grad_step`` (total gradient norm before clipping),
+            ``first_nonfinite_param_step`` (a parameter non-finite after the step), the epoch of the
+            first of these, ``final_val_rmse`` (target units) and ``params_finite_end``.
+        param_grad_norms: per-parameter gradient norms per step (long format), when
+            ``training.log_param_grad_norms`` is on; else empty.
+        warnings: the warnings Lightning raised during each fold, as ``"fold N: message"``.
+        run_dir: the folder holding the CSV logs.
+        models: the trained modules, one per fold (kept in memory for inspection).
+    """
+
+    config: RunConfig
+    history: pd.DataFrame
+    epochs: pd.DataFrame
+    summary: pd.DataFrame
+    param_grad_norms: pd.DataFrame
+    warnings: List[str]
+    run_dir: Path
+    models: List[NaNStudyModule] = field(default_factory=list, repr=False)
+
+    @property
+    def nan_folds(self) -> List[int]:
+        """Folds in which the loss, a gradient or a parameter became non-finite."""
+        s = self.summary
+        bad = s[["first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step"]].notna().any(axis=1)
+        return [int(f) for f in s.loc[bad, "fold"]]
+
+    @property
+    def first_nan_step(self) -> Optional[int]:
+        """The first step (within its fold) with a non-finite training loss, in the earliest fold
+        that had one; None if the loss stayed finite in every fold."""
+        s = self.summary.dropna(subset=["first_nonfinite_loss_step"])
+        return None if s.empty else int(s.sort_values("fold")["first_nonfinite_loss_step"].iloc[0])
+
+    def fold_summary(self, fold: int) -> dict:
+        """The summary row of one fold as a dict (NaN-free: missing steps are None)."""
+        row = self.summary.set_index("fold").loc[fold].to_dict()
+        return {k: _plain(v) for k, v in row.items()}
+
+    def to_records(self) -> List[dict]:
+        """Per-fold summaries as JSON-ready dicts (the ``reproduce --json`` output)."""
+        return [dict(fold=int(f), **{k: v for k, v in self.fold_summary(int(f)).items()}) for f in self.summary["fold"]]
+
+
+def _summarise(fold: int, steps: pd.DataFrame, epochs: pd.DataFrame, module: NaNStudyModule) -> dict:
+    loss_step = _first_step(steps, ~steps["loss_finite"]) if len(steps) else None
+    grad_step = _first_step(steps, ~steps["grad_finite"]) if len(steps) else None
+    param_step = _first_step(steps, ~steps["params_finite"]) if len(steps) else None
+    firsts = [s for s in (loss_step, grad_step, param_step) if s is not None]
+    first_epoch = int(steps.loc[steps["step"] == min(firsts), "epoch"].iloc[0]) if firsts else None
+    final_rmse = float(epochs["val_rmse"].iloc[-1]) if len(epochs) else math.nan
+    return {
+        "fold": fold, "n_steps": len(steps),
+        "first_nonfinite_loss_step": loss_step, "first_nonfinite_grad_step": grad_step,
+        "first_nonfinite_param_step": param_step, "first_nonfinite_epoch": first_epoch,
+        "final_val_rmse": final_rmse, "params_finite_end": params_all_finite(module),
+    }
+
+
+def make_loaders(data: SequenceData, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int):
+    """Train/val DataLoaders over ``(x: (batch, L, F), y: (batch,))``; the train order is seeded."""
+    train = TensorDataset(data.x[train_idx], data.y[train_idx])
+    val = TensorDataset(data.x[val_idx], data.y[val_idx])
+    g = torch.Generator().manual_seed(seed)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(val, batch_size=max(batch_size, 256), shuffle=False))
+
+
+def fold_indices(n: int, k: int, seed: int) -> List[tuple]:
+    """``KFold(n_splits=k, shuffle=True, random_state=seed)`` splits as a list of (train, val)."""
+    return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.arange(n)))
+
+
+def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_idx, run_dir: Path,
+               progress: bool = False, callbacks: Sequence[pl.Callback] = (), max_steps: int = -1):
+    """Train one fold; returns ``(module, recorder, warnings)``."""
+    t = config.training
+    pl.seed_everything(t.seed + fold, workers=True, verbose=False)
+    fold_data = data.normalized(train_idx) if config.data.normalize else data
+    train_dl, val_dl = make_loaders(fold_data, train_idx, val_idx, t.batch_size, t.seed + fold)
+    module = NaNStudyModule(config, n_features=fold_data.x.shape[-1])
+    recorder = HistoryRecorder(fold)
+    clip_in_trainer = t.clip_via == "trainer" and t.clip_enabled
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=t.max_epochs, max_steps=max_steps,
+        gradient_clip_val=t.gradient_clip_val if clip_in_trainer else None,
+        gradient_clip_algorithm=t.gradient_clip_algorithm if clip_in_trainer else None,
+        logger=CSVLogger(str(run_dir), name=f"fold{fold}", version=""),
+        callbacks=[recorder, *callbacks], enable_checkpointing=False,
+        enable_progress_bar=progress, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dl, val_dl)
+    # Kept, not re-emitted: the book shows them (Lightning warns about the write-up's dict key once per
+    # process otherwise, so later folds would be silent).
+    messages = list(dict.fromkeys(f"fold {fold}: {w.message}" for w in caught
+                                  if not issubclass(w.category, (DeprecationWarning, FutureWarning))))
+    return module, recorder, messages
+
+
+def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Optional[SequenceData] = None,
+              run_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
+              callbacks: Sequence[pl.Callback] = (), keep_models: bool = True,
+              max_steps: int = -1) -> KFoldResult:
+    """Train ``config.training.k_fold`` folds (or only ``folds``) and collect their histories.
+
+    Args:
+        config: the run's configuration.
+        folds: which fold indices to run (default all ``k_fold``); e.g. ``[0]`` for a quick look.
+        data: the dataset (default: ``load_dataset(config.data.name, config.data.data_dir)``).
+        run_dir: where CSV logs go (default ``runs/<config.name>``).
+        progress: show Lightning's progress bar (default: on, except under CI/papermill/pytest).
+        callbacks: extra Lightning callbacks for every fold.
+        keep_models: keep each fold's trained module in ``result.models``.
+        max_steps: stop each fold after this many optimizer steps (-1: run ``max_epochs``).
+
+    Returns:
+        :class:`KFoldResult`.
+
+    Raises:
+        prot_lib.data.DataError: the dataset files are missing or malformed.
+    """
+    t = config.training
+    if data is None:
+        data = load_dataset(config.data.name, config.data.data_dir)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    if progress is None:
+        progress = not _in_ci_or_papermill()
+    splits = fold_indices(len(data), t.k_fold, t.seed)
+    fold_list = list(range(t.k_fold)) if folds is None else list(folds)
+    steps, epochs, pgn, summaries, msgs, models = [], [], [], [], [], []
+    for fold in fold_list:
+        train_idx, val_idx = splits[fold]
+        module, rec, fold_msgs = train_fold(config, data, fold, train_idx, val_idx, run_dir,
+                                            progress=progress, callbacks=callbacks, max_steps=max_steps)
+        s_df = pd.DataFrame(rec.steps)
+        e_df = pd.DataFrame(rec.epochs)
+        summaries.append(_summarise(fold, s_df, e_df, module))
+        steps.append(s_df)
+        epochs.append(e_df)
+        pgn.append(pd.DataFrame(rec.param_grad_norms))
+        msgs.extend(fold_msgs)
+        if keep_models:
+            models.append(module)
+    history = pd.concat(steps, ignore_index=True) if steps else pd.DataFrame()
+    epochs_df = pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame()
+    if len(history) and len(epochs_df):
+        history = history.merge(epochs_df[["fold", "epoch", "val_loss"]], on=["fold", "epoch"], how="left")
+    summary = pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)
+    for col in ("first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step", "first_nonfinite_epoch"):
+        summary[col] = summary[col].astype("Int64")
+    return KFoldResult(config=config, history=history, epochs=epochs_df, summary=summary,
+                       param_grad_norms=pd.concat(pgn, ignore_index=True) if pgn else pd.DataFrame(),
+                       warnings=msgs, run_dir=run_dir, models=models)
