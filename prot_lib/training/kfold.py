@@ -6,6 +6,8 @@ split and its initial weights, not on the previous fold.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -164,10 +166,30 @@ def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_
     return module, recorder, messages
 
 
+def _source_fingerprint() -> str:
+    """Hash of the library's own source and shipped configs: a cache entry dies with any code change."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(config: RunConfig, folds, max_steps: int, data: Optional[SequenceData]) -> Optional[Path]:
+    cache_dir = os.environ.get("PROT_LIB_CACHE")
+    if not cache_dir or data is not None:
+        return None
+    key = json.dumps({"config": config.to_dict(), "folds": folds, "max_steps": max_steps,
+                      "src": _source_fingerprint(), "torch": torch.__version__}, sort_keys=True)
+    return Path(cache_dir) / f"{config.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
 def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Optional[SequenceData] = None,
               run_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
               callbacks: Sequence[pl.Callback] = (), keep_models: bool = True,
-              max_steps: int = -1) -> KFoldResult:
+              max_steps: int = -1, num_threads: Optional[int] = 1) -> KFoldResult:
     """Train ``config.training.k_fold`` folds (or only ``folds``) and collect their histories.
 
     Args:
@@ -179,6 +201,14 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         callbacks: extra Lightning callbacks for every fold.
         keep_models: keep each fold's trained module in ``result.models``.
         max_steps: stop each fold after this many optimizer steps (-1: run ``max_epochs``).
+        num_threads: torch CPU threads during the run (restored after). These models are tiny: one
+            thread is faster than two on a loaded 2-core machine, and the result does not depend on it.
+
+    Runs are deterministic for a given machine. When the environment variable ``PROT_LIB_CACHE``
+    names a folder (the book build and the notebook tests set it), a finished run is stored there,
+    keyed by the config, the folds and a hash of the library's source, and the same run asked again
+    (by a later chapter) is read back instead of recomputed. Runs given ``data`` or ``callbacks`` are
+    never cached.
 
     Returns:
         :class:`KFoldResult`.
@@ -187,13 +217,53 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         prot_lib.data.DataError: the dataset files are missing or malformed.
     """
     t = config.training
+    fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
+    cache = None if callbacks else _cache_path(config, fold_list, max_steps, data)
+    if cache is not None and cache.is_file():
+        return _load_cached(cache, config)
+    old_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        result = _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_models, max_steps)
+    finally:
+        torch.set_num_threads(old_threads)
+    if cache is not None:
+        _save_cached(cache, result)
+    return result
+
+
+def _save_cached(path: Path, result: KFoldResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"history": result.history, "epochs": result.epochs, "summary": result.summary,
+               "param_grad_norms": result.param_grad_norms, "warnings": result.warnings,
+               "run_dir": str(result.run_dir),
+               "models": [(m.hparams["n_features"], m.state_dict()) for m in result.models]}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_cached(path: Path, config: RunConfig) -> KFoldResult:
+    d = torch.load(path, weights_only=False)
+    models = []
+    for n_features, state in d["models"]:
+        m = NaNStudyModule(config, n_features=n_features)
+        m.load_state_dict(state)
+        models.append(m)
+    return KFoldResult(config=config, history=d["history"], epochs=d["epochs"], summary=d["summary"],
+                       param_grad_norms=d["param_grad_norms"], warnings=d["warnings"],
+                       run_dir=Path(d["run_dir"]), models=models)
+
+
+def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_models, max_steps) -> KFoldResult:
+    t = config.training
     if data is None:
         data = load_dataset(config.data.name, config.data.data_dir)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
     if progress is None:
         progress = not _in_ci_or_papermill()
     splits = fold_indices(len(data), t.k_fold, t.seed)
-    fold_list = list(range(t.k_fold)) if folds is None else list(folds)
     steps, epochs, pgn, summaries, msgs, models = [], [], [], [], [], []
     for fold in fold_list:
         train_idx, val_idx = splits[fold]

@@ -1,0 +1,41 @@
+"""What goes in: the Ishigami benchmark and a SYNTHETIC stand-in for the Dyconex
+PCB process-chain data, as raw token sequences (``SequenceData``), plus the honest fix
+for their raw scales (``SequenceData.normalized``).
+
+    from prot_lib.data import load_dataset
+    raw = load_dataset("dyconex")          # x (600, 18, 11): Pa, Unix s, NaN ...
+    fixed = raw.normalized(train_idx)      # standardised on the training rows only
+
+Files and their card: ``data/README.md``. Regenerate: ``python -m prot_lib.data.generate``.
+"""
+
+from .base import DataError, SequenceData
+from .catalog import DATASETS, load_dataset
+from .dyconex import generate_dyconex, load_dyconex
+from .ishigami import (
+    ISHIGAMI_MEAN,
+    ISHIGAMI_SOBOL,
+    ISHIGAMI_VARIANCE,
+    generate_ishigami,
+    ishigami,
+    load_ishigami,
+    sobol_indices_salib,
+)
+from .normalize import standardize
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "ISHIGAMI_MEAN",
+    "ISHIGAMI_SOBOL",
+    "ISHIGAMI_VARIANCE",
+    "SequenceData",
+    "generate_dyconex",
+    "generate_ishigami",
+    "ishigami",
+    "load_dataset",
+    "load_dyconex",
+    "load_ishigami",
+    "sobol_indices_salib",
+    "standardize",
+]
