@@ -19,3 +19,9 @@ def golden_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[1].parent / "shared" / "golden" / GOLDEN_NAME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """An empty selection (e.g. ``-m browser`` on a checkout without those tests) is not a failure."""
+    if exitstatus == 5:
+        session.exitstatus = 0

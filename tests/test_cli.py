@@ -1,0 +1,55 @@
+"""The command line: `python -m prot_lib reproduce|run|data`."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd):
+    r = subprocess.run([sys.executable, "-m", "prot_lib", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=600)
+    return r
+
+
+def test_reproduce_dyconex_json_nan_in_epoch_0(tmp_path):
+    r = cli("reproduce", "dyconex", "--folds", "0", "--json", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = json.loads(r.stdout)
+    assert [rec["fold"] for rec in records] == [0]
+    rec = records[0]
+    assert rec["first_nonfinite_epoch"] == 0
+    assert rec["first_nonfinite_loss_step"] is not None
+    assert rec["params_finite_end"] is False
+    assert (tmp_path / "run" / "fold0" / "metrics.csv").is_file()
+
+
+def test_run_config_file_and_bad_config_exit_code(tmp_path):
+    good = tmp_path / "tiny.yaml"
+    good.write_text("name: tiny\ndata: {name: ishigami}\nmodel: {n_layers: 1, d_model: 4}\n"
+                    "training: {max_epochs: 1, k_fold: 3, batch_size: 200}\n")
+    r = cli("run", str(good), "--json", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = json.loads(r.stdout)
+    assert len(records) == 3 and all(rec["params_finite_end"] for rec in records)
+    assert all(rec["first_nonfinite_loss_step"] is None for rec in records)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  loss_fn: hinge\n")
+    r = cli("run", str(bad), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "training.loss_fn" in r.stderr and "bad.yaml" in r.stderr
+
+
+def test_unknown_fix_is_rejected(tmp_path):
+    r = cli("reproduce", "ishigami", "--fix", "magic", cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'magic'" in r.stderr
+
+
+def test_data_regenerate_is_bit_identical(tmp_path):
+    r = cli("data", "regenerate", "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for f in ("ishigami.csv", "dyconex_standin_steps.csv", "dyconex_standin_targets.csv"):
+        assert (tmp_path / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f
