@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-vendor:
-	cd book && npm ci --no-audit --no-fund --loglevel=error && node vendor/copy_vendor.js
+# npm ci of the pinned widget/MathJax/require.js files, copied with their licences into book/_vendor
+vendor: setup
+	$(PY) scripts/build_book.py --vendor-only
 
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-book: setup vendor
+book: setup
 	$(PY) scripts/build_book.py --mode $(MODE)
 
 test: setup vendor browser-deps

@@ -1,0 +1,80 @@
+"""The notebooks: committed clean, shaped like a chapter, and they run (their asserts are tests).
+
+Fast checks read the committed files. ``test_executes`` runs each chapter with papermill and the
+CI parameters (``CI = True`` injected after the ``parameters`` cell), within PROT_LIB_NB_TIMEOUT
+seconds (default 240); the executed copies are reused by test_book.py and test_browser.py.
+"""
+
+import pytest
+
+pytest.register_assert_rewrite("nbutils")  # before the import: its asserts report values too
+from nbutils import (
+    REQUIRED_HEADINGS,
+    all_notebooks,
+    assigned_names,
+    chapter_notebooks,
+    first_code_cell,
+    ids,
+    missing_headings,
+    read_notebook,
+)
+
+pytest_plugins = ["nbutils"]
+
+CHAPTERS = chapter_notebooks()
+NOTEBOOKS = all_notebooks()
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, "no notebooks/[0-9]*.ipynb: the book has no chapters"
+
+
+# --- committed notebooks are clean -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_committed_without_outputs(path):
+    nb = read_notebook(path)
+    dirty = [
+        i for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, (
+        f"{path.name}: cells {dirty} have outputs or execution counts; commit notebooks cleared "
+        "(e.g. `jupyter nbconvert --clear-output --inplace notebooks/*.ipynb`)"
+    )
+    assert "widgets" not in nb.metadata, f"{path.name}: stored widget state in metadata; clear it"
+    assert "papermill" not in nb.metadata, f"{path.name}: is a papermill output, not a source"
+
+
+# --- every chapter has the same shape ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
+def test_first_code_cell_is_parameters_with_CI(path):
+    cell = first_code_cell(read_notebook(path))
+    assert cell is not None, f"{path.name}: no code cell"
+    assert "parameters" in cell.metadata.get("tags", []), (
+        f"{path.name}: the first code cell must be tagged `parameters` (papermill injects CI after it)"
+    )
+    assert "CI" in assigned_names(cell.source), f"{path.name}: the parameters cell must set `CI = False`"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
+def test_follows_chapter_skeleton(path):
+    missing = missing_headings(read_notebook(path))
+    assert not missing, (
+        f"{path.name}: missing headings {missing}; every chapter has, in this order: "
+        f"{' ... '.join(REQUIRED_HEADINGS)} (see ../shared/STYLE.md)"
+    )
+
+
+# --- every chapter runs -----------------------------------------------------------------------
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
+def test_executes(path, notebook_runner):
+    result = notebook_runner.run(path)
+    assert result.ok, result.message
