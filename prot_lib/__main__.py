@@ -3,6 +3,12 @@
 - ``python -m prot_lib reproduce ishigami|dyconex [--fix FIX] [--json]``: run a shipped reproduction
   (with one fix, or all) and print a per-fold table (or JSON: a list of per-fold summaries).
 - ``python -m prot_lib run CONFIG.yaml [--json]``: run any config file.
+- ``reproduce``/``run`` ``--on-nonfinite continue|stop|skip|rollback`` overrides ``training.on_nonfinite``;
+  when training stops on a non-finite step, the autopsy report is printed (``--json``: as a dict) and the
+  exit status is 3.
+- ``python -m prot_lib autopsy BUNDLE.pt [--json]``: replay a repro bundle written by a stopped run and
+  print its autopsy report (exit 0: the non-finite value reappeared; 1: the replay stayed finite;
+  2: not a readable bundle).
 - ``python -m prot_lib data regenerate [--out DIR]``: rewrite the shipped data files.
 """
 from __future__ import annotations
@@ -35,6 +41,34 @@ def _print_result(result, as_json: bool) -> None:
                 print("  " + w)
 
 
+#: exit status of a run stopped by ``training.on_nonfinite`` (stop, or too many skips/rollbacks in a row)
+EXIT_NONFINITE = 3
+
+
+def _print_nonfinite(err, as_json: bool) -> None:
+    if as_json:
+        out = dict(err.report.summary()) if err.report is not None else {}
+        out.update(error=str(err).splitlines()[0], bundle=str(err.bundle_path) if err.bundle_path else None)
+        print(json.dumps(out, indent=2))
+    else:
+        print(str(err))
+    print(f"error: training stopped at a non-finite step (fold {err.fold}, step {err.step}); "
+          f"bundle: {err.bundle_path}", file=sys.stderr)
+
+
+def _autopsy(path: str, as_json: bool) -> int:
+    from .diagnostics.autopsy import autopsy_bundle
+    from .training.config import ConfigError
+
+    try:
+        report = autopsy_bundle(path)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.summary(), indent=2) if as_json else str(report))
+    return 0 if report.reproduced else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .training.config import FIXES, ConfigError
 
@@ -46,11 +80,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
     rep.add_argument("--seed", type=int, help="override training.seed")
     rep.add_argument("--json", action="store_true", help="print per-fold summaries as JSON")
-    rep.add_argument("--run-dir", help="where CSV logs go (default runs/<name>)")
+    rep.add_argument("--run-dir", help="where CSV logs go (default runs/<name>/<time>-<random>)")
+    policies = ["continue", "stop", "skip", "rollback"]
+    rep.add_argument("--on-nonfinite", choices=policies, help="override training.on_nonfinite")
     run = sub.add_parser("run", help="run any config file")
     run.add_argument("config")
     run.add_argument("--json", action="store_true")
     run.add_argument("--run-dir")
+    run.add_argument("--on-nonfinite", choices=policies, help="override training.on_nonfinite")
+    aut = sub.add_parser("autopsy", help="replay a non-finite step's repro bundle and print its autopsy")
+    aut.add_argument("bundle", help="a nonfinite_step<N>.pt file from <run_dir>/fold<k>/")
+    aut.add_argument("--json", action="store_true")
     data = sub.add_parser("data", help="dataset utilities")
     data.add_argument("action", choices=["regenerate"])
     data.add_argument("--out", help="output folder (default: the repository's data/)")
@@ -62,6 +102,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return generate_main(["--out", args.out] if args.out else [])
 
     _quiet_lightning()
+    if args.command == "autopsy":
+        return _autopsy(args.bundle, args.json)
+    from .diagnostics.autopsy import NonFiniteTrainingError
     from .training import load_config, reproduction_config, run_kfold
 
     try:
@@ -73,10 +116,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             cfg = load_config(args.config)
             folds = None
+        if args.on_nonfinite is not None:
+            cfg = cfg.updated({"training.on_nonfinite": args.on_nonfinite})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = run_kfold(cfg, folds=folds, run_dir=args.run_dir, progress=not args.json and sys.stderr.isatty())
+    try:
+        result = run_kfold(cfg, folds=folds, run_dir=args.run_dir, progress=not args.json and sys.stderr.isatty())
+    except NonFiniteTrainingError as err:
+        _print_nonfinite(err, args.json)
+        return EXIT_NONFINITE
     _print_result(result, args.json)
     return 0
 

@@ -206,6 +206,7 @@ def kernel_env() -> dict[str, str]:
     # Chapters re-use the same shipped runs (chapter 1's reproduction is chapter 3's baseline): with a
     # cache folder, prot_lib.training.run_kfold computes each (config, folds, source hash) once.
     env.setdefault("PROT_LIB_CACHE", str(REPO / "runs" / "cache"))
+    env.setdefault("PROT_LIB_PROGRESS", "0")  # Lightning's progress bars would fill the pages
     return env
 
 

@@ -13,7 +13,16 @@ learning-rate warmup       ``training.warmup.enabled``                  ``NaNStu
 LayerNorm in BiMamba       ``model.norm: layernorm``                    ``BiMamba``
 smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
 (ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
+(ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``NaNStudyModule.configure_gradient_clipping``
+                           zclip) + ``autoclip_*``, ``zclip_*``
+(ours) data guard          ``training.data_guard``                      ``kfold.make_loaders`` (``GuardedDataset``)
 =========================  ===========================================  =====================================
+
+Guards of non-finite training (``prot_lib.diagnostics``; their defaults keep the write-up's behaviour):
+``training.on_nonfinite`` (continue | stop | skip | rollback, with ``max_consecutive_skips``,
+``rollback_every``, ``rollback_lr_factor``), read by :class:`prot_lib.diagnostics.policies.NonFiniteGuard`
+from ``NaNStudyModule.configure_gradient_clipping``; ``training.checkpoint.*`` (finite, atomic
+checkpoints, off by default), read by ``train_fold`` (:mod:`prot_lib.training.checkpoint`).
 
 The write-up promises that old config files keep working: every new key has a default, and a file
 holding only ``training: {lr, weight_decay, gradient_clip_val, loss_fn}`` loads. Unknown keys and bad
@@ -62,6 +71,23 @@ class WarmupConfig(_Strict):
     interval: Literal["step", "epoch"] = "step"
 
 
+class CheckpointConfig(_Strict):
+    """Finite, atomic checkpoints (:mod:`prot_lib.training.checkpoint`); off by default, so runs
+    write no checkpoint files unless asked.
+
+    ``monitor`` is a logged metric (``val_loss``, ``train_loss``, ``val_rmse``) or null (keep the
+    latest); ``every_n_train_steps`` null saves after each validation epoch, N saves every N
+    optimizer steps. Files go to ``<run_dir>/fold<k>/checkpoints/``.
+    """
+
+    enabled: bool = False
+    monitor: Optional[str] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    save_top_k: int = Field(1, ge=-1)
+    save_last: bool = True
+    every_n_train_steps: Optional[int] = Field(None, ge=1)
+
+
 class DataConfig(_Strict):
     """Which dataset and how it is prepared."""
 
@@ -96,7 +122,9 @@ class TrainingConfig(_Strict):
     lr: float = Field(1e-4, gt=0.0, description="learning rate of AdamW, per optimizer step")
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_clip_val: Optional[float] = Field(1.0, ge=0.0, description="0 or null disables clipping")
-    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    gradient_clip_algorithm: Literal["norm", "value", "autoclip", "zclip"] = Field(
+        "norm", description="norm/value: Lightning's, at gradient_clip_val; autoclip/zclip: adaptive "
+        "(prot_lib.training.clipping), applied in configure_gradient_clipping, gradient_clip_val ignored")
     clip_via: Literal["trainer", "configure_optimizers"] = "trainer"
     loss_fn: Literal["mse", "mae", "huber"] = "mse"
     max_epochs: int = Field(10, ge=1)
@@ -108,6 +136,25 @@ class TrainingConfig(_Strict):
     monitor_gradients: bool = False
     log_param_grad_norms: bool = False
     mask_missing_targets: bool = False
+    # adaptive clipping (read only when gradient_clip_algorithm is autoclip / zclip)
+    autoclip_percentile: float = Field(10.0, gt=0.0, le=100.0, description="AutoClip's p (paper: 10)")
+    zclip_z_thresh: float = Field(2.5, gt=0.0, description="ZClip's z-score threshold (paper: 2.5)")
+    zclip_alpha: float = Field(0.97, gt=0.0, lt=1.0, description="ZClip's EMA decay (paper: 0.97)")
+    zclip_warmup_steps: int = Field(25, ge=1, description="ZClip's warmup, optimizer steps (paper: 25)")
+    data_guard: bool = Field(False, description="fail on a non-finite input/target, naming sample and "
+                             "feature (prot_lib.data.guards.GuardedDataset)")
+
+    # What a step with a non-finite loss or gradient does (prot_lib.diagnostics.policies):
+    # "continue" is the write-up's behaviour (the optimizer steps anyway; the book's reproductions);
+    # "stop" raises NonFiniteTrainingError with an autopsy; "skip" drops that step's update, like
+    # AMP's GradScaler; "rollback" restores the last good weights and optimizer state, multiplies
+    # the lr by rollback_lr_factor and drops the step (the PaLM recipe).
+    on_nonfinite: Literal["continue", "stop", "skip", "rollback"] = "continue"
+    max_consecutive_skips: int = Field(10, ge=1, description="skip/rollback: abort after this many "
+                                       "non-finite steps in a row")
+    rollback_every: int = Field(1, ge=1, description="rollback: keep a last-good copy every N finite optimizer steps")
+    rollback_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="rollback: lr multiplier per rollback")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("sanitize", mode="before")
     @classmethod
@@ -119,6 +166,12 @@ class TrainingConfig(_Strict):
     @property
     def clip_enabled(self) -> bool:
         return bool(self.gradient_clip_val)
+
+    @property
+    def adaptive_clip(self) -> bool:
+        """True for autoclip/zclip: clipped by the module itself, never by ``Trainer(gradient_clip_val=...)``
+        (Lightning accepts only "norm" and "value")."""
+        return self.gradient_clip_algorithm in ("autoclip", "zclip")
 
 
 class RunConfig(_Strict):

@@ -2,9 +2,13 @@
 
 One row per optimizer step (Lightning's ``global_step`` before the step, counted from 0 within a fold):
 ``fold, epoch, step, lr, raw_loss, train_loss, grad_norm_before_clip, grad_norm_after_clip,
-loss_finite, grad_finite, params_finite``. ``raw_loss`` is the loss before any sanitisation,
-``train_loss`` the one that was back-propagated and logged. ``params_finite`` is checked after the
-optimizer step, so it says whether the step left the model usable.
+clip_threshold, loss_finite, grad_finite, params_finite``. ``clip_threshold`` is the bound clipping used
+that step (``gradient_clip_val``, or AutoClip's/ZClip's adaptive one; NaN when nothing bounded it).
+``raw_loss`` is the loss before any sanitisation, ``train_loss`` the one that was back-propagated and
+logged. ``params_finite`` is checked after the optimizer step, so it says whether the step left the
+model usable. ``action`` is what
+``training.on_nonfinite`` made of the step: "step" (applied; always, under the default "continue"),
+"skip" (update dropped) or "rollback" (last good state restored, lr cut, update dropped).
 
 Per epoch: ``fold, epoch, step, val_loss, val_rmse``.
 """
@@ -49,9 +53,11 @@ class HistoryRecorder(pl.Callback):
             "train_loss": rec.get("train_loss", math.nan),
             "grad_norm_before_clip": before,
             "grad_norm_after_clip": rec.get("grad_norm_after_clip", math.nan),
+            "clip_threshold": rec.get("clip_threshold", math.nan),
             "loss_finite": math.isfinite(rec.get("raw_loss", math.nan)),
             "grad_finite": math.isfinite(before),
             "params_finite": params_all_finite(pl_module),
+            "action": rec.get("action", "step"),
         }
         self.steps.append(row)
         if pl_module.param_grad_norms is not None:

@@ -10,6 +10,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +26,31 @@ from lightning.pytorch.loggers import CSVLogger
 from sklearn.model_selection import KFold
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..data import SequenceData, load_dataset
+from ..data import GuardedDataset, SequenceData, load_dataset
 from .config import RunConfig
+from .checkpoint import checkpoint_callbacks
 from .history import HistoryRecorder, params_all_finite
 from .module import NaNStudyModule
 
 SUMMARY_COLUMNS = [
     "fold", "n_steps", "first_nonfinite_loss_step", "first_nonfinite_grad_step",
     "first_nonfinite_param_step", "first_nonfinite_epoch", "final_val_rmse", "params_finite_end",
+    "n_skipped", "n_rollbacks",
 ]
 
 
 def _in_ci_or_papermill() -> bool:
-    return bool(os.environ.get("CI")) or bool(os.environ.get("PAPERMILL_EXECUTION")) or "PYTEST_CURRENT_TEST" in os.environ
+    """No progress bar in CI, under pytest, or when the book build says so (``PROT_LIB_PROGRESS=0``)."""
+    return (bool(os.environ.get("CI")) or os.environ.get("PROT_LIB_PROGRESS") == "0"
+            or "PYTEST_CURRENT_TEST" in os.environ)
+
+
+def _default_run_dir(name: str) -> Path:
+    """``runs/<name>/<time>-<random>``: a fresh folder per run, so two runs of one config (two
+    notebooks, two terminals) never write into each other's CSV logs."""
+    parent = Path("runs") / name
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=parent))
 
 
 def _plain(v):
@@ -67,7 +82,8 @@ class KFoldResult:
         summary: one row per fold: ``first_nonfinite_loss_step`` (first step whose raw loss is
             non-finite), ``first_nonfinite_grad_step`` (total gradient norm before clipping),
             ``first_nonfinite_param_step`` (a parameter non-finite after the step), the epoch of the
-            first of these, ``final_val_rmse`` (target units) and ``params_finite_end``.
+            first of these, ``final_val_rmse`` (target units), ``params_finite_end``, and the steps
+            ``training.on_nonfinite`` dropped: ``n_skipped`` (skip), ``n_rollbacks`` (rollback).
         param_grad_norms: per-parameter gradient norms per step (long format), when
             ``training.log_param_grad_norms`` is on; else empty.
         warnings: the warnings Lightning raised during each fold, as ``"fold N: message"``.
@@ -120,13 +136,25 @@ def _summarise(fold: int, steps: pd.DataFrame, epochs: pd.DataFrame, module: NaN
         "first_nonfinite_loss_step": loss_step, "first_nonfinite_grad_step": grad_step,
         "first_nonfinite_param_step": param_step, "first_nonfinite_epoch": first_epoch,
         "final_val_rmse": final_rmse, "params_finite_end": params_all_finite(module),
+        "n_skipped": int((steps["action"] == "skip").sum()) if "action" in steps else 0,
+        "n_rollbacks": int((steps["action"] == "rollback").sum()) if "action" in steps else 0,
     }
 
 
-def make_loaders(data: SequenceData, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int):
-    """Train/val DataLoaders over ``(x: (batch, L, F), y: (batch,))``; the train order is seeded."""
-    train = TensorDataset(data.x[train_idx], data.y[train_idx])
-    val = TensorDataset(data.x[val_idx], data.y[val_idx])
+def make_loaders(data: SequenceData, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int,
+                 guard: bool = False, allow_missing_targets: bool = False):
+    """Train/val DataLoaders over ``(x: (batch, L, F), y: (batch,))``; the train order is seeded.
+
+    With ``guard`` (``training.data_guard``) the rows are a :class:`~prot_lib.data.GuardedDataset`: same
+    batches, but a non-finite input (or target, unless ``allow_missing_targets``) raises ``DataError``
+    naming the row, its row id and the feature when its batch is fetched.
+    """
+    if guard:
+        train = GuardedDataset(data, train_idx, allow_missing_targets=allow_missing_targets)
+        val = GuardedDataset(data, val_idx, allow_missing_targets=allow_missing_targets)
+    else:
+        train = TensorDataset(data.x[train_idx], data.y[train_idx])
+        val = TensorDataset(data.x[val_idx], data.y[val_idx])
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(val, batch_size=max(batch_size, 256), shuffle=False))
@@ -143,22 +171,35 @@ def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_
     t = config.training
     pl.seed_everything(t.seed + fold, workers=True, verbose=False)
     fold_data = data.normalized(train_idx) if config.data.normalize else data
-    train_dl, val_dl = make_loaders(fold_data, train_idx, val_idx, t.batch_size, t.seed + fold)
+    train_dl, val_dl = make_loaders(fold_data, train_idx, val_idx, t.batch_size, t.seed + fold,
+                                    guard=t.data_guard, allow_missing_targets=t.mask_missing_targets)
     module = NaNStudyModule(config, n_features=fold_data.x.shape[-1])
+    module.fold, module.bundle_dir = fold, Path(run_dir) / f"fold{fold}"
     recorder = HistoryRecorder(fold)
-    clip_in_trainer = t.clip_via == "trainer" and t.clip_enabled
+    # training.on_nonfinite's EarlyStopping backstop, training.checkpoint's finite atomic checkpoints
+    # (both empty by default). Imported here: prot_lib.diagnostics imports this package.
+    from ..diagnostics.autopsy import NonFiniteTrainingError
+    from ..diagnostics.policies import early_stopping
+    ckpt_callbacks, plugins = checkpoint_callbacks(config, module.bundle_dir)
+    # autoclip/zclip are applied by the module itself: Lightning's Trainer rejects those algorithm names
+    clip_in_trainer = t.clip_via == "trainer" and t.clip_enabled and not t.adaptive_clip
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=t.max_epochs, max_steps=max_steps,
         gradient_clip_val=t.gradient_clip_val if clip_in_trainer else None,
         gradient_clip_algorithm=t.gradient_clip_algorithm if clip_in_trainer else None,
         logger=CSVLogger(str(run_dir), name=f"fold{fold}", version=""),
-        callbacks=[recorder, *callbacks], enable_checkpointing=False,
+        callbacks=[recorder, *callbacks, *early_stopping(t), *ckpt_callbacks],
+        enable_checkpointing=bool(ckpt_callbacks), plugins=plugins or None,
         enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, train_dl, val_dl)
+        try:
+            trainer.fit(module, train_dl, val_dl)
+        except NonFiniteTrainingError as err:  # on_nonfinite stop/abort: keep the steps before it
+            err.history = pd.DataFrame(recorder.steps)
+            raise
     # Kept, not re-emitted: the book shows them (Lightning warns about the write-up's dict key once per
     # process otherwise, so later folds would be silent).
     messages = list(dict.fromkeys(f"fold {fold}: {w.message}" for w in caught
@@ -196,7 +237,7 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         config: the run's configuration.
         folds: which fold indices to run (default all ``k_fold``); e.g. ``[0]`` for a quick look.
         data: the dataset (default: ``load_dataset(config.data.name, config.data.data_dir)``).
-        run_dir: where CSV logs go (default ``runs/<config.name>``).
+        run_dir: where CSV logs go (default a fresh ``runs/<config.name>/<time>-<random>/``).
         progress: show Lightning's progress bar (default: on, except under CI/papermill/pytest).
         callbacks: extra Lightning callbacks for every fold.
         keep_models: keep each fold's trained module in ``result.models``.
@@ -234,10 +275,16 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
 
 
 def _save_cached(path: Path, result: KFoldResult) -> None:
+    """Store a finished run: its tables and weights (``path``) and a copy of its CSV logs beside it
+    (``path`` without suffix + ``_logs/``), so a cached result's ``run_dir`` holds real logs."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    logs = path.with_name(path.stem + "_logs")
+    if Path(result.run_dir).is_dir():
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.copytree(result.run_dir, logs)
     payload = {"history": result.history, "epochs": result.epochs, "summary": result.summary,
                "param_grad_norms": result.param_grad_norms, "warnings": result.warnings,
-               "run_dir": str(result.run_dir),
+               "run_dir": str(logs),
                "models": [(m.hparams["n_features"], m.state_dict()) for m in result.models]}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -260,7 +307,7 @@ def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_model
     t = config.training
     if data is None:
         data = load_dataset(config.data.name, config.data.data_dir)
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config.name)
     if progress is None:
         progress = not _in_ci_or_papermill()
     splits = fold_indices(len(data), t.k_fold, t.seed)

@@ -15,6 +15,7 @@ right before ``optimizer.step``), so tests and the book can prove whether clippi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
 from ..models import S6Regressor
+from .clipping import make_clipper
 from .config import RunConfig
 
 #: the write-up's sanitisation constants
@@ -62,7 +64,8 @@ class NaNStudyModule(pl.LightningModule):
     ``grad_norm_{param_name}`` (only for parameters whose gradient is non-finite).
 
     After every optimizer step, :attr:`last_step_record` holds the numbers of that step
-    (``lr``, ``grad_norm_before_clip``, ``grad_norm_after_clip``, ``raw_loss``, ``train_loss``),
+    (``lr``, ``grad_norm_before_clip``, ``grad_norm_after_clip``, ``raw_loss``, ``train_loss``,
+    ``action``: "step", or "skip"/"rollback" when ``training.on_nonfinite`` dropped the step),
     read by :class:`prot_lib.training.history.HistoryRecorder`.
     """
 
@@ -79,6 +82,17 @@ class NaNStudyModule(pl.LightningModule):
         self.loss_elements = _LOSSES[config.training.loss_fn]
         self.last_step_record: Dict[str, float] = {}
         self.param_grad_norms: Optional[Dict[str, float]] = None
+        # training.on_nonfinite (prot_lib.diagnostics.policies); None under "continue". Imported here:
+        # prot_lib.diagnostics imports this module.
+        from ..diagnostics.policies import make_guard
+        self.guard = make_guard(config.training)
+        #: set by ``train_fold``: the fold index and the folder for repro bundles (``<run_dir>/fold<k>``)
+        self.fold: Optional[int] = None
+        self.bundle_dir: Optional[Path] = None
+        #: the current training batch (a reference, no copy): what a non-finite step's autopsy replays
+        self.last_batch = None
+        #: AutoClip/ZClip state when ``training.gradient_clip_algorithm`` is adaptive, else None
+        self.clipper = make_clipper(config.training)
         self._val_sse = 0.0
         self._val_loss_sum = 0.0
         self._val_n = 0
@@ -121,6 +135,7 @@ class NaNStudyModule(pl.LightningModule):
         return loss, raw_loss, pred.detach(), y, valid
 
     def training_step(self, batch, batch_idx):
+        self.last_batch = batch
         loss, raw_loss, _, _, _ = self._step(batch, "train")
         self.log("train_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.last_step_record = {"raw_loss": float(raw_loss), "train_loss": float(loss.detach())}
@@ -166,17 +181,37 @@ class NaNStudyModule(pl.LightningModule):
 
         ``gradient_clip_val`` comes from ``Trainer(gradient_clip_val=...)``; it is None when the write-up's
         ``configure_optimizers`` dict carries the value instead, and then nothing is clipped.
+
+        With ``training.gradient_clip_algorithm`` autoclip/zclip the Trainer gets no clip value (it accepts
+        only "norm"/"value"); the threshold comes from :attr:`clipper` (fed this step's pre-clip norm) and
+        the gradients are scaled here by ``clip_grads_with_norm_``. ``last_step_record["clip_threshold"]``
+        is the bound used this step (NaN: none, e.g. no clipping or ZClip's warmup).
         """
         params = [p for p in self.parameters() if p.grad is not None]
         before = total_grad_norm(params)
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
+        # training.on_nonfinite: the fused check, on this norm and the loss (both computed anyway). A
+        # dropped step ("skip"/"rollback") has no gradients left: nothing to clip, nothing fed to a clipper.
+        action = "step" if self.guard is None else self.guard.check(self, optimizer, float(before))
+        if action != "step":
+            threshold = math.nan
+        elif self.clipper is not None:
+            threshold = self.clipper.threshold(float(before))
+            if params and math.isfinite(threshold):
+                torch.nn.utils.clip_grads_with_norm_(params, threshold, before)
+        else:
+            threshold = float(gradient_clip_val) if gradient_clip_val else math.nan
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
         after = total_grad_norm(params)
         self.last_step_record.update(
             grad_norm_before_clip=float(before),
             grad_norm_after_clip=float(after),
             lr=float(optimizer.param_groups[0]["lr"]),
+            clip_threshold=threshold,
+            action=action,
         )
+        if self.clipper is not None:
+            self.log("clip_threshold", threshold, on_step=True, on_epoch=False)
         self.log("grad_norm_before_clip", before, on_step=True, on_epoch=False)
         self.log("grad_norm_after_clip", after, on_step=True, on_epoch=False)
 

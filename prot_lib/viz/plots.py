@@ -42,7 +42,7 @@ def describe_divergence(history: pd.DataFrame, column: str = "raw_loss") -> str:
         s = first_nonfinite_step(g, column)
         (bad if s is not None else ok).append((int(fold), s))
     if not bad:
-        return f"all {len(ok)} folds stay finite"
+        return "the fold stays finite" if len(ok) == 1 else f"all {len(ok)} folds stay finite"
     parts = [f"fold {f} diverges at step {s}" for f, s in bad]
     tail = f"; fold{'s' if len(ok) > 1 else ''} {', '.join(str(f) for f, _ in ok)} stay{'s' if len(ok) == 1 else ''} finite" if ok else ""
     return ", ".join(parts) + tail

@@ -1,0 +1,30 @@
+"""Plots and widgets of the book.
+
+- ``plots`` (:mod:`prot_lib.viz.plots`): curves per fold with the first non-finite step marked, heatmaps.
+- ``widgets`` (:mod:`prot_lib.viz.widgets`): the clip-value explorer (needs ipywidgets) and the static
+  clip-sweep figure.
+
+Everything is imported on first use, so ``import prot_lib.viz`` needs neither matplotlib nor ipywidgets.
+"""
+from importlib import import_module
+
+_SUBMODULES = ("plots", "widgets")
+_LAZY = {
+    "set_style": "plots", "plot_fold_curves": "plots", "plot_loss_and_grad": "plots",
+    "plot_clip_norms": "plots", "plot_lr": "plots", "plot_param_grad_heatmap": "plots",
+    "plot_outcome_heatmap": "plots", "plot_activation_scales": "plots", "describe_divergence": "plots",
+    "clip_explorer": "widgets", "ClipExplorer": "widgets", "clip_sweep": "widgets",
+    "plot_clip_run": "widgets", "plot_clip_sweep": "widgets", "describe_clip_run": "widgets",
+    "describe_sweep": "widgets", "plot_adam_probe": "widgets", "adam_probe_ratios": "widgets",
+}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'prot_lib.viz' has no attribute {name!r}")
+
+
+__all__ = list(_SUBMODULES) + sorted(_LAZY)

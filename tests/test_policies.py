@@ -1,0 +1,149 @@
+"""training.on_nonfinite: stop (autopsy + repro bundle), skip, rollback; continue and finite steps unchanged."""
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from prot_lib.__main__ import main
+from prot_lib.diagnostics.autopsy import NonFiniteTrainingError, autopsy_bundle, load_bundle
+from prot_lib.diagnostics.faults import InjectFault
+from prot_lib.training import config_from_dict, reproduction_config, run_kfold
+
+TINY = {"name": "tiny", "model": {"d_model": 4, "n_layers": 2, "d_state": 4, "expand": 1},
+        "training": {"batch_size": 100, "k_fold": 5, "max_epochs": 1, "gradient_clip_val": None, "lr": 1e-2}}
+
+
+@pytest.fixture(autouse=True)
+def _no_run_cache(monkeypatch):
+    monkeypatch.delenv("PROT_LIB_CACHE", raising=False)
+
+
+def test_defaults_keep_the_writeup_behaviour():
+    t = config_from_dict({}).training
+    assert t.on_nonfinite == "continue" and t.max_consecutive_skips == 10
+    assert t.rollback_every == 1 and t.rollback_lr_factor == 0.5 and t.checkpoint.enabled is False
+
+
+def test_dyconex_stop_names_embedding_forward_and_the_bundle_replays(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = main(["reproduce", "dyconex", "--folds", "0", "--on-nonfinite", "stop", "--run-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert rc == 3
+    assert "first non-finite: forward output of `embedding` (Linear)" in out
+    bundle = run_dir / "fold0" / "nonfinite_step0.pt"
+    assert f"repro bundle: {bundle}" in out
+    snapshot, cfg = load_bundle(bundle)
+    assert (snapshot["fold"], snapshot["step"], snapshot["seed"]) == (0, 0, 0)
+    assert cfg.training.on_nonfinite == "stop" and cfg.data.name == "dyconex"
+    report = autopsy_bundle(bundle)
+    # the NaN came in with the data: the batch holds missing values and the embedding is the first module
+    x = snapshot["batch"][0]
+    n_bad = int((~x.isfinite()).sum())
+    assert n_bad > 0
+    assert (report.phase, report.module) == ("forward", "embedding")
+    assert report.summary()["nonfinite_in"] == n_bad == report.trace.nonfinite_data["input"]
+    assert report.nonfinite_params == []
+    printed = out.split("\n", 1)[1].split("\nrepro bundle:")[0]
+    assert printed == str(report)
+    # a fresh process replays the bundle and prints the same report
+    r = subprocess.run([sys.executable, "-m", "prot_lib", "autopsy", str(bundle)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == printed.strip()
+
+
+def test_rollback_finishes_a_run_that_continue_loses_and_skip_cannot(tmp_path):
+    # Ishigami at lr 0.05 (5x the shipped reproduction's): fold 0 overflows at step 40 of 50.
+    base = reproduction_config("ishigami").updated({"training.lr": 0.05, "training.max_epochs": 2})
+    lost = run_kfold(base, folds=[0], run_dir=tmp_path / "continue", progress=False)
+    s = lost.fold_summary(0)
+    assert s["first_nonfinite_loss_step"] == 40 and s["params_finite_end"] is False
+    assert s["final_val_rmse"] is None and (lost.history["action"] == "step").all()
+
+    rb = run_kfold(base.updated({"training.on_nonfinite": "rollback"}), folds=[0], run_dir=tmp_path / "rb",
+                   progress=False)
+    s, h = rb.fold_summary(0), rb.history
+    assert s["n_steps"] == 50 and s["params_finite_end"] is True and math.isfinite(s["final_val_rmse"])
+    assert s["n_rollbacks"] >= 1 and s["n_skipped"] == 0
+    assert h.loc[40, "action"] == "rollback" and h.loc[40, "lr"] == pytest.approx(0.025)
+    assert h["params_finite"].all() and h.loc[h.step > 40, "lr"].max() <= 0.025
+    assert rb.epochs["val_rmse"].notna().all()
+    # before the first non-finite step, rollback trained exactly as continue did
+    cols = ["raw_loss", "grad_norm_before_clip", "lr"]
+    pd.testing.assert_frame_equal(h.loc[:39, cols], lost.history.loc[:39, cols], check_exact=True)
+
+    skip = base.updated({"training.on_nonfinite": "skip", "training.max_consecutive_skips": 5})
+    with pytest.raises(NonFiniteTrainingError, match="5 non-finite steps in a row") as e:
+        run_kfold(skip, folds=[0], run_dir=tmp_path / "skip", progress=False)
+    err = e.value
+    # skipping leaves the weights that overflow in place: every later batch overflows too
+    assert (err.fold, err.step) == (0, 40) and err.report.phase == "loss"
+    assert list(err.history["action"].iloc[40:]) == ["skip"] * 4 and err.history["params_finite"].all()
+    assert err.bundle_path == tmp_path / "skip" / "fold0" / "nonfinite_step40.pt" and err.bundle_path.is_file()
+
+
+def test_armed_guard_changes_nothing_on_finite_steps(tmp_path):
+    cfg = config_from_dict(TINY)
+    ref = run_kfold(cfg, folds=[0], run_dir=tmp_path / "a", progress=False, max_steps=8).history
+    for policy in ("stop", "skip", "rollback"):
+        h = run_kfold(cfg.updated({"training.on_nonfinite": policy}), folds=[0], run_dir=tmp_path / policy,
+                      progress=False, max_steps=8).history
+        pd.testing.assert_frame_equal(h, ref, check_exact=True)
+
+
+def test_stop_on_a_poisoned_weight_names_its_module(tmp_path):
+    cfg = config_from_dict(TINY).updated({"training.on_nonfinite": "stop"})
+    name = "model.bimamba.layers.1.bwd.out_proj.weight"
+    with pytest.raises(NonFiniteTrainingError) as e:
+        run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False,
+                  callbacks=[InjectFault(3, "weight", name, float("inf"))])
+    rep = e.value.report
+    assert (e.value.step, rep.phase, rep.module) == (3, "forward", "bimamba.layers.1.bwd.out_proj")
+    assert rep.nonfinite_params == [name] and "own parameters" in rep.verdict()
+    assert len(e.value.history) == 3
+
+
+def test_stop_on_a_poisoned_gradient_says_the_replay_is_finite(tmp_path):
+    # The fault is planted after backward: replaying the computation cannot meet it, and the report says so.
+    cfg = config_from_dict(TINY).updated({"training.on_nonfinite": "stop"})
+    with pytest.raises(NonFiniteTrainingError) as e:
+        run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False,
+                  callbacks=[InjectFault(2, "grad", "model.head.weight")])
+    rep = e.value.report
+    assert rep.reasons == ["grad"] and rep.phase == "none" and not rep.reproduced
+
+
+def test_gradient_norm_overflow_is_named_as_such(tmp_path):
+    # lr 0.1: at step 4 every gradient is finite, but their total norm (~2e19) squared overflows float32.
+    cfg = reproduction_config("ishigami").updated({"training.lr": 0.1, "training.on_nonfinite": "stop"})
+    with pytest.raises(NonFiniteTrainingError) as e:
+        run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False, max_steps=10)
+    rep = e.value.report
+    assert e.value.step == 4 and rep.reasons == ["grad"] and rep.phase == "grad_norm"
+    assert rep.grad_norm32 == math.inf and 1.85e19 < rep.grad_norm64 < 1e30
+    assert rep.module == rep.largest_grad[0] == "embedding.weight"
+
+
+def test_rollback_restores_finite_weights_after_a_poisoned_weight(tmp_path):
+    cfg = config_from_dict(TINY).updated({"training.on_nonfinite": "rollback"})
+    r = run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False,
+                  callbacks=[InjectFault(4, "weight", "model.embedding.weight", float("nan"))])
+    h = r.history
+    assert list(h["action"]) == ["step"] * 4 + ["rollback"] + ["step"] * (len(h) - 5)
+    assert h["params_finite"].all() and r.fold_summary(0)["params_finite_end"] is True
+    assert h.loc[5, "lr"] == pytest.approx(0.5 * h.loc[3, "lr"])
+    assert (tmp_path / "fold0" / "nonfinite_step4.pt").is_file()
+
+
+def test_rollback_lr_cut_survives_the_warmup_schedulers(tmp_path):
+    # SequentialLR(LinearLR, StepLR): after its milestone StepLR recomputes lr from base_lrs, so a cut of
+    # the param groups alone would be undone; the guard scales base_lrs too. 16 steps, milestone at 3.
+    cfg = config_from_dict(TINY).updated({"training.max_epochs": 2, "training.warmup": {
+        "enabled": True, "total_iters": 3, "step_size": 4, "gamma": 0.5}})
+    ref = run_kfold(cfg, folds=[0], run_dir=tmp_path / "ref", progress=False).history
+    rb = run_kfold(cfg.updated({"training.on_nonfinite": "rollback"}), folds=[0], run_dir=tmp_path / "rb",
+                   progress=False, callbacks=[InjectFault(2, "weight", "model.embedding.weight")]).history
+    assert len(rb) == len(ref) == 16 and rb.loc[2, "action"] == "rollback"
+    assert (rb["lr"] / ref["lr"]).round(12).tolist() == [1.0, 1.0] + [0.5] * 14
