@@ -12,6 +12,7 @@ Files and their card: ``data/README.md``. Regenerate: ``python -m prot_lib.data.
 from .base import DataError, SequenceData
 from .catalog import DATASETS, load_dataset
 from .dyconex import generate_dyconex, load_dyconex
+from .guards import GuardedDataset, check_finite_batch
 from .ishigami import (
     ISHIGAMI_MEAN,
     ISHIGAMI_SOBOL,
@@ -26,10 +27,12 @@ from .normalize import standardize
 __all__ = [
     "DATASETS",
     "DataError",
+    "GuardedDataset",
     "ISHIGAMI_MEAN",
     "ISHIGAMI_SOBOL",
     "ISHIGAMI_VARIANCE",
     "SequenceData",
+    "check_finite_batch",
     "generate_dyconex",
     "generate_ishigami",
     "ishigami",
