@@ -137,23 +137,32 @@ def calls_clip_explorer(nb) -> bool:
 class NotebookRunner:
     """Executes each chapter notebook at most once per session, with the CI parameters."""
 
-    def __init__(self, dest: Path):
+    def __init__(self, dest: Path, cache: Path):
         self.dest = dest
+        # A fresh run cache per test session: chapters share runs with each other, never with older
+        # sessions. Set only around the papermill calls, so other tests never read cached runs.
+        self.cache = cache
         self.results: dict[str, object] = {}  # name -> build_book.ExecResult
 
     def run(self, src: Path):
         if src.name not in self.results:
-            self.results[src.name] = build_book.execute_notebook(
-                src, self.dest / src.name, ci=True, timeout=CI_TIMEOUT
-            )
+            old = os.environ.get("PROT_LIB_CACHE")
+            os.environ["PROT_LIB_CACHE"] = str(self.cache)
+            try:
+                self.results[src.name] = build_book.execute_notebook(
+                    src, self.dest / src.name, ci=True, timeout=CI_TIMEOUT
+                )
+            finally:
+                if old is None:
+                    os.environ.pop("PROT_LIB_CACHE", None)
+                else:
+                    os.environ["PROT_LIB_CACHE"] = old
         return self.results[src.name]
 
 
 @pytest.fixture(scope="session")
 def notebook_runner(tmp_path_factory) -> NotebookRunner:
-    # A fresh run cache per test session: chapters share runs with each other, never with older sessions.
-    os.environ.setdefault("PROT_LIB_CACHE", str(tmp_path_factory.mktemp("run_cache")))
-    return NotebookRunner(tmp_path_factory.mktemp("executed"))
+    return NotebookRunner(tmp_path_factory.mktemp("executed"), tmp_path_factory.mktemp("run_cache"))
 
 
 @dataclass

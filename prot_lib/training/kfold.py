@@ -261,7 +261,11 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
     fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
     cache = None if callbacks else _cache_path(config, fold_list, max_steps, data)
     if cache is not None and cache.is_file():
-        return _load_cached(cache, config)
+        result = _load_cached(cache, config)
+        if run_dir is not None:  # the caller asked for the logs there: copy the cached ones
+            shutil.copytree(result.run_dir, run_dir, dirs_exist_ok=True)
+            result.run_dir = Path(run_dir)
+        return result
     old_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
