@@ -4,8 +4,10 @@ One row per optimizer step (Lightning's ``global_step`` before the step, counted
 ``fold, epoch, step, lr, raw_loss, train_loss, grad_norm_before_clip, grad_norm_after_clip,
 clip_threshold, loss_finite, grad_finite, params_finite``. ``clip_threshold`` is the bound clipping used
 that step (``gradient_clip_val``, or AutoClip's/ZClip's adaptive one; NaN when nothing bounded it).
-``raw_loss`` is the loss before any sanitisation, ``train_loss`` the one that was back-propagated and
-logged. ``params_finite`` is checked after the optimizer step, so it says whether the step left the
+``raw_loss`` is the loss before the write-up's loss-element replacement (NaN -> 1e6); with
+``training.sanitize: writeup`` its predictions have already been replaced (NaN -> 0) and clamped, so a
+NaN prediction does not show in it (chapter 4: the gradients are NaN all the same). ``train_loss`` is
+the loss that was back-propagated and logged. ``params_finite`` is checked after the optimizer step, so it says whether the step left the
 model usable. ``action`` is what
 ``training.on_nonfinite`` made of the step: "step" (applied; always, under the default "continue"),
 "skip" (update dropped) or "rollback" (last good state restored, lr cut, update dropped).

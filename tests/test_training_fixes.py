@@ -1,0 +1,166 @@
+"""The training behaviour chapters 3-7 rely on, measured on short real runs.
+
+Each test trains one fold for a few dozen optimizer steps (``max_steps``) and asserts numbers a reader
+can check in the run's own history or CSV log: post-clip norms, the learning rate the optimizer used,
+metric names in ``metrics.csv``, and bit-identical reruns. Runs are never read from the run cache
+(``PROT_LIB_CACHE`` is unset here), so every test trains for real.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prot_lib.training import reproduction_config, run_kfold
+
+CLIP = 1.0
+
+
+@pytest.fixture(autouse=True)
+def _no_run_cache(monkeypatch):
+    monkeypatch.delenv("PROT_LIB_CACHE", raising=False)
+
+
+def _run(cfg, tmp_path, max_steps=-1, folds=(0,)):
+    return run_kfold(cfg, folds=list(folds), max_steps=max_steps, run_dir=tmp_path / "runs", progress=False)
+
+
+# --- gradient clipping -----------------------------------------------------------------------------
+
+
+def test_trainer_clipping_bounds_the_post_clip_norm(tmp_path):
+    cfg = reproduction_config("ishigami", "clip")
+    assert cfg.training.gradient_clip_val == CLIP
+    h = _run(cfg, tmp_path, max_steps=30).history
+    assert len(h) == 30
+    before, after = h["grad_norm_before_clip"].to_numpy(), h["grad_norm_after_clip"].to_numpy()
+    finite = np.isfinite(after)
+    assert finite.all(), h.loc[~finite, "step"].tolist()
+    assert (after[finite] <= CLIP + 1e-6).all(), after.max()
+    # clipping really acted: the raw norm exceeded the clip value at some step, and was scaled to it
+    active = before > CLIP
+    assert active.any(), before.max()
+    np.testing.assert_allclose(after[active], CLIP, rtol=1e-5)
+    # below the threshold clip_grad_norm_ leaves gradients alone
+    np.testing.assert_allclose(after[~active], before[~active], rtol=1e-6)
+
+
+def test_dict_clipping_is_ignored_and_warns(tmp_path):
+    cfg = reproduction_config("ishigami", "dict-clip")
+    assert cfg.training.clip_via == "configure_optimizers"
+    res = _run(cfg, tmp_path, max_steps=20)
+    h = res.history
+    assert (h["grad_norm_before_clip"] > CLIP).any(), "test needs a step whose norm exceeds the clip value"
+    # nothing was clipped: the norm after the clipping hook is the norm before it, bit for bit
+    pd.testing.assert_series_equal(h["grad_norm_after_clip"], h["grad_norm_before_clip"], check_names=False)
+    assert any("unsupported keys" in w for w in res.warnings), res.warnings
+
+
+# --- warmup: LinearLR -> StepLR via SequentialLR ---------------------------------------------------
+
+
+def test_warmup_per_step_starts_at_start_factor_and_reaches_lr(tmp_path):
+    cfg = reproduction_config("ishigami", "warmup")
+    w, lr = cfg.training.warmup, cfg.training.lr
+    assert w.enabled and w.interval == "step"
+    h = _run(cfg, tmp_path, max_steps=w.total_iters + 5).history.set_index("step")
+    assert h.loc[0, "lr"] == pytest.approx(w.start_factor * lr, rel=1e-9)
+    assert h.loc[w.total_iters, "lr"] == pytest.approx(lr, rel=1e-9)
+    ramp = h.loc[: w.total_iters, "lr"].to_numpy()
+    assert (np.diff(ramp) > 0).all(), "the lr must rise at every step of the warmup"
+    # linear: equal increments of (1 - start_factor) * lr / total_iters
+    np.testing.assert_allclose(np.diff(ramp), (1 - w.start_factor) * lr / w.total_iters, rtol=1e-6)
+
+
+def test_warmup_per_epoch_is_constant_within_an_epoch(tmp_path):
+    cfg = reproduction_config("ishigami", "warmup").updated(
+        {"training.warmup.interval": "epoch", "training.max_epochs": 3})
+    w, lr = cfg.training.warmup, cfg.training.lr
+    h = _run(cfg, tmp_path).history
+    per_epoch = h.groupby("epoch")["lr"]
+    assert (per_epoch.nunique() == 1).all(), per_epoch.unique()
+    lrs = per_epoch.first()
+    assert lrs.loc[0] == pytest.approx(w.start_factor * lr, rel=1e-9)
+    # one LinearLR step per epoch: after 2 epochs the lr is still far below its target
+    assert lrs.loc[2] == pytest.approx(lr * (w.start_factor + 2 * (1 - w.start_factor) / w.total_iters), rel=1e-9)
+    assert lrs.loc[2] < 0.2 * lr
+
+
+# --- the write-up's NaN detection and monitoring ---------------------------------------------------
+
+WRITEUP_METRICS = [f"{stage}_{m}" for stage in ("train", "val")
+                   for m in ("nan_detected", "loss_nan_detected", "final_loss_nan")] + ["invalid_gradients_detected"]
+
+
+def test_sanitize_logs_the_writeup_metrics(tmp_path):
+    cfg = reproduction_config("dyconex", "sanitize").updated({"training.max_epochs": 1})
+    res = _run(cfg, tmp_path)
+    metrics = pd.read_csv(res.run_dir / "fold0" / "metrics.csv")
+    missing = [m for m in WRITEUP_METRICS if m not in metrics.columns]
+    assert not missing, missing
+    # on raw Dyconex the checks fire: a NaN prediction and a non-finite gradient are both reported
+    assert metrics["train_nan_detected"].max() == 1.0
+    assert metrics["invalid_gradients_detected"].max() == 1.0
+    # grad_norm_<param> is written only for a parameter whose gradient is non-finite, on a step that
+    # reported invalid gradients; read as text, a cell that was never logged is "" and a logged NaN "nan"
+    raw = pd.read_csv(res.run_dir / "fold0" / "metrics.csv", keep_default_na=False, dtype=str)
+    per_param = [c for c in raw.columns if c.startswith("grad_norm_model.")]
+    assert per_param
+    logged = raw[per_param] != ""
+    assert logged.to_numpy().any()
+    values = raw[per_param].where(logged).stack().astype(float)
+    assert not np.isfinite(values).any(), values[np.isfinite(values)]
+    rows = logged.any(axis=1)
+    assert (raw.loc[rows, "invalid_gradients_detected"].astype(float) == 1.0).all()
+
+
+def test_monitoring_is_silent_when_gradients_are_finite(tmp_path):
+    cfg = reproduction_config("ishigami", "clip").updated({"training.monitor_gradients": True})
+    res = _run(cfg, tmp_path, max_steps=10)
+    metrics = pd.read_csv(res.run_dir / "fold0" / "metrics.csv")
+    assert (metrics["invalid_gradients_detected"].dropna() == 0).all()
+    assert not [c for c in metrics.columns if c.startswith("grad_norm_model.")]
+
+
+def test_writeup_monitoring_sees_pre_clip_norms(tmp_path):
+    """on_before_optimizer_step runs before Lightning clips: the norm it sees is the unclipped one."""
+    cfg = reproduction_config("ishigami", "clip").updated(
+        {"training.monitor_gradients": True, "training.log_param_grad_norms": True})
+    res = _run(cfg, tmp_path, max_steps=20)
+    h = res.history.set_index("step")
+    pgn = res.param_grad_norms
+    # Lightning's grad_norm(), computed inside on_before_optimizer_step (the write-up's hook)
+    seen = pgn[pgn["param"] == "grad_2.0_norm_total"].set_index("step")["grad_norm"]
+    assert len(seen) == len(h) == 20
+    np.testing.assert_allclose(seen.to_numpy(), h["grad_norm_before_clip"].to_numpy(), rtol=1e-5)
+    clipped = h["grad_norm_before_clip"] > CLIP
+    assert clipped.any()
+    assert (seen[clipped] > h.loc[clipped, "grad_norm_after_clip"] + 1e-3).all()
+    # per-parameter norms recombine to the same total
+    per_param = pgn[pgn["param"] != "grad_2.0_norm_total"].groupby("step")["grad_norm"].apply(
+        lambda v: math.sqrt((v.astype(float) ** 2).sum()))
+    np.testing.assert_allclose(per_param.to_numpy(), seen.to_numpy(), rtol=1e-4)
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+LOSS_COLUMNS = ["fold", "epoch", "step", "lr", "raw_loss", "train_loss", "grad_norm_before_clip", "grad_norm_after_clip"]
+
+
+def test_same_config_twice_gives_identical_history(tmp_path):
+    cfg = reproduction_config("ishigami", "none")
+    a = _run(cfg, tmp_path / "a", max_steps=25).history
+    b = _run(cfg, tmp_path / "b", max_steps=25).history
+    pd.testing.assert_frame_equal(a[LOSS_COLUMNS], b[LOSS_COLUMNS])
+
+
+def test_same_config_twice_gives_identical_first_nan_steps_on_dyconex(tmp_path):
+    cfg = reproduction_config("dyconex", "none")
+    a = _run(cfg, tmp_path / "a", max_steps=5, folds=(0, 1))
+    b = _run(cfg, tmp_path / "b", max_steps=5, folds=(0, 1))
+    assert a.nan_folds == b.nan_folds == [0, 1]
+    cols = ["fold", "first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step"]
+    pd.testing.assert_frame_equal(a.summary[cols], b.summary[cols])
+    pd.testing.assert_frame_equal(a.history[LOSS_COLUMNS], b.history[LOSS_COLUMNS])
