@@ -11,14 +11,15 @@ GOLDEN_NAME = "mamba_ssm_2.3.2.post1_reference.pt"
 
 @pytest.fixture(scope="session")
 def golden_path() -> Path:
-    """Path of mamba-ssm's reference outputs: $PROT_LIB_GOLDEN, else ../shared/golden/ next to the repo.
+    """Path of mamba-ssm's reference outputs: $PROT_LIB_GOLDEN, else the copy shipped in the repository
+    (``data/golden/``, provenance in its README).
 
-    Only resolves the path; tests load it and fail (never skip) when it is missing, because CI has it.
+    Only resolves the path; tests load it and fail (never skip) when it is missing.
     """
     env = os.environ.get("PROT_LIB_GOLDEN")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "golden" / GOLDEN_NAME
+    return Path(__file__).resolve().parents[1] / "data" / "golden" / GOLDEN_NAME
 
 
 def pytest_sessionfinish(session, exitstatus):

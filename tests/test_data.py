@@ -198,14 +198,37 @@ def test_dyconex_target_is_learnable_after_normalisation(dyconex):
 # --------------------------------------------------------------------------- shipped files
 
 
-def test_regeneration_is_bit_identical(tmp_path):
+def _ulps_apart(a: str, b: str) -> float:
+    x, y = float(a), float(b)
+    return abs(x - y) / np.spacing(abs(y)) if x != y else 0.0
+
+
+def test_regeneration_reproduces_the_shipped_files(tmp_path):
+    """Every cell is the same text, except that a float cell may differ in its last bits: sin() comes
+    from the platform's math library (numpy 2.4 and 2.3 differ in up to 8 ulps on 8 of the 1000
+    Ishigami targets). Such a cell must stay within 16 ulps, and the float32 tensors the models train
+    on are identical (next test)."""
     # the documented command, as a reader would type it
     subprocess.run(
         [sys.executable, "-m", "prot_lib.data.generate", "--out", str(tmp_path)],
         check=True, cwd=REPO, capture_output=True, timeout=120,
     )
     for name in FILES:
-        assert (tmp_path / name).read_bytes() == (SHIPPED / name).read_bytes(), name
+        new = (tmp_path / name).read_text().splitlines()
+        old = (SHIPPED / name).read_text().splitlines()
+        assert len(new) == len(old), f"{name}: {len(new)} lines regenerated, {len(old)} shipped"
+        header = old[0].split(",")
+        assert new[0] == old[0], f"{name}: header differs"
+        n_cells = n_off = 0
+        for line_no, (a_line, b_line) in enumerate(zip(new[1:], old[1:]), start=2):
+            for column, a, b in zip(header, a_line.split(","), b_line.split(",")):
+                n_cells += 1
+                if a == b:
+                    continue
+                n_off += 1
+                ulps = _ulps_apart(a, b) if a and b else math.inf
+                assert ulps <= 16, f"{name}: line {line_no}, column {column!r}: {a} regenerated, {b} shipped"
+        assert n_off <= 0.01 * n_cells, f"{name}: {n_off} of {n_cells} cells differ in their last bits"
 
 
 def test_shipped_files_equal_the_generators(dyconex):

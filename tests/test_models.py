@@ -45,7 +45,7 @@ def _load(path: Path) -> dict:
 
 def load_golden(path: Path) -> dict:
     if not path.is_file():
-        pytest.fail(f"golden file {path} is missing: it ships in shared/golden/ next to the repo "
+        pytest.fail(f"golden file {path} is missing: it ships in data/golden/ "
                     f"(or set PROT_LIB_GOLDEN to its path); parity with mamba-ssm cannot be checked")
     return _load(path)
 

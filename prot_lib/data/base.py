@@ -30,6 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .indexing import as_index
+from .normalize import standardize
+
 __all__ = ["DataError", "SequenceData", "as_index"]
 
 
@@ -40,27 +43,6 @@ class DataError(ValueError):
     number as an editor shows it (the header is line 1), the column and the
     chain/sample id, so the reader can open the file and see the culprit.
     """
-
-
-def as_index(idx: Any, n: int) -> torch.Tensor:
-    """Turn ``idx`` (ints, a bool mask of length n, a slice, an array or tensor) into a
-    1-D int64 tensor of row numbers in ``[0, n)``.
-
-    Raises IndexError: a row number outside ``[-n, n)``, or a mask of the wrong length.
-    """
-    if isinstance(idx, slice):
-        return torch.arange(n)[idx]
-    if isinstance(idx, (int, np.integer)):
-        idx = [int(idx)]
-    index = torch.as_tensor(np.asarray(idx))
-    if index.dtype == torch.bool:
-        if index.shape != (n,):
-            raise IndexError(f"boolean mask has shape {tuple(index.shape)}, expected ({n},)")
-        return index.nonzero().flatten()
-    index = index.reshape(-1).long()
-    if index.numel() and (index.min() < -n or index.max() >= n):
-        raise IndexError(f"row index out of range for {n} rows")
-    return index % n if n else index
 
 
 @dataclass(eq=False)
@@ -149,8 +131,6 @@ class SequenceData:
         """
         if self.normalizer is not None:
             return self.normalizer(self, train_idx)
-        from .normalize import standardize  # late import: normalize builds on this module
-
         return standardize(self, train_idx)
 
     def describe(self) -> dict[str, Any]:

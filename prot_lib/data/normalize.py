@@ -37,7 +37,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from .base import SequenceData, as_index
+from .indexing import as_index
 
 __all__ = ["standardize", "fit_group_stats"]
 
@@ -83,7 +83,7 @@ def _hours_since_first(ts: torch.Tensor) -> torch.Tensor:
     return (ts - first) / SECONDS_PER_HOUR
 
 
-def standardize(data: SequenceData, train_idx: Any) -> SequenceData:
+def standardize(data: "SequenceData", train_idx: Any) -> "SequenceData":
     """Default body of :meth:`SequenceData.normalized`; see the module docstring.
 
     Args:

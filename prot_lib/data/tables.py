@@ -46,9 +46,7 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    import prot_lib
-
-    return Path(prot_lib.__file__).resolve().parents[1] / "data"
+    return Path(__file__).resolve().parents[2] / "data"  # <repo>/prot_lib/data/tables.py -> <repo>/data
 
 
 def regenerate_hint(folder: Path) -> str:

@@ -28,15 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import GuardedDataset, SequenceData, load_dataset
 from .config import RunConfig
+from .fate import FATE_COLUMNS, fold_fate, writeup_pattern
 from .checkpoint import checkpoint_callbacks
 from .history import HistoryRecorder, params_all_finite
 from .module import NaNStudyModule
 
-SUMMARY_COLUMNS = [
-    "fold", "n_steps", "first_nonfinite_loss_step", "first_nonfinite_grad_step",
-    "first_nonfinite_param_step", "first_nonfinite_epoch", "final_val_rmse", "params_finite_end",
-    "n_skipped", "n_rollbacks",
-]
+#: one row per fold: its fate (:mod:`prot_lib.training.fate`, the only definition) and the steps
+#: ``training.on_nonfinite`` dropped
+SUMMARY_COLUMNS = ["fold", "n_steps", *FATE_COLUMNS, "n_skipped", "n_rollbacks"]
 
 
 def _in_ci_or_papermill() -> bool:
@@ -66,11 +65,6 @@ def _plain(v):
     return v
 
 
-def _first_step(df: pd.DataFrame, bad: pd.Series) -> Optional[int]:
-    hit = df.loc[bad, "step"]
-    return int(hit.iloc[0]) if len(hit) else None
-
-
 @dataclass
 class KFoldResult:
     """What :func:`run_kfold` returns.
@@ -79,10 +73,9 @@ class KFoldResult:
         config: the run's :class:`RunConfig`.
         history: one row per optimizer step (see :mod:`prot_lib.training.history`).
         epochs: one row per validation epoch (fold, epoch, step, val_loss, val_rmse).
-        summary: one row per fold: ``first_nonfinite_loss_step`` (first step whose raw loss is
-            non-finite), ``first_nonfinite_grad_step`` (total gradient norm before clipping),
-            ``first_nonfinite_param_step`` (a parameter non-finite after the step), the epoch of the
-            first of these, ``final_val_rmse`` (target units), ``params_finite_end``, and the steps
+        summary: one row per fold, :data:`SUMMARY_COLUMNS`: the fold's fate as
+            :func:`prot_lib.training.fate.fold_fate` defines it (first non-finite loss, gradient,
+            parameter and overall step, finite at the end, ``rmse_ratio``, ``fate``), and the steps
             ``training.on_nonfinite`` dropped: ``n_skipped`` (skip), ``n_rollbacks`` (rollback).
         param_grad_norms: per-parameter gradient norms per step (long format), when
             ``training.log_param_grad_norms`` is on; else empty.
@@ -102,10 +95,22 @@ class KFoldResult:
 
     @property
     def nan_folds(self) -> List[int]:
-        """Folds in which the loss, a gradient or a parameter became non-finite."""
+        """Folds that went non-finite at some step (``first_nonfinite_step`` set: a loss, gradient or
+        parameter), whether or not they ended dead."""
         s = self.summary
-        bad = s[["first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step"]].notna().any(axis=1)
-        return [int(f) for f in s.loc[bad, "fold"]]
+        return [int(f) for f in s.loc[s["first_nonfinite_step"].notna(), "fold"]]
+
+    @property
+    def dead_folds(self) -> List[int]:
+        """Folds whose ``fate`` is "dead": non-finite weights or validation metrics at the end."""
+        s = self.summary
+        return [int(f) for f in s.loc[s["fate"] == "dead", "fold"]]
+
+    @property
+    def writeup_pattern(self) -> bool:
+        """The write-up's Ishigami symptom: fold 0 stayed finite and a later fold went non-finite
+        (:func:`prot_lib.training.fate.writeup_pattern`)."""
+        return writeup_pattern(self.summary)
 
     @property
     def first_nan_step(self) -> Optional[int]:
@@ -124,18 +129,11 @@ class KFoldResult:
         return [dict(fold=int(f), **{k: v for k, v in self.fold_summary(int(f)).items()}) for f in self.summary["fold"]]
 
 
-def _summarise(fold: int, steps: pd.DataFrame, epochs: pd.DataFrame, module: NaNStudyModule) -> dict:
-    loss_step = _first_step(steps, ~steps["loss_finite"]) if len(steps) else None
-    grad_step = _first_step(steps, ~steps["grad_finite"]) if len(steps) else None
-    param_step = _first_step(steps, ~steps["params_finite"]) if len(steps) else None
-    firsts = [s for s in (loss_step, grad_step, param_step) if s is not None]
-    first_epoch = int(steps.loc[steps["step"] == min(firsts), "epoch"].iloc[0]) if firsts else None
-    final_rmse = float(epochs["val_rmse"].iloc[-1]) if len(epochs) else math.nan
+def _summarise(fold: int, steps: pd.DataFrame, epochs: pd.DataFrame, module: NaNStudyModule,
+               val_targets: torch.Tensor) -> dict:
     return {
         "fold": fold, "n_steps": len(steps),
-        "first_nonfinite_loss_step": loss_step, "first_nonfinite_grad_step": grad_step,
-        "first_nonfinite_param_step": param_step, "first_nonfinite_epoch": first_epoch,
-        "final_val_rmse": final_rmse, "params_finite_end": params_all_finite(module),
+        **fold_fate(steps, epochs, params_all_finite(module), val_targets.numpy()),
         "n_skipped": int((steps["action"] == "skip").sum()) if "action" in steps else 0,
         "n_rollbacks": int((steps["action"] == "rollback").sum()) if "action" in steps else 0,
     }
@@ -322,7 +320,7 @@ def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_model
                                             progress=progress, callbacks=callbacks, max_steps=max_steps)
         s_df = pd.DataFrame(rec.steps)
         e_df = pd.DataFrame(rec.epochs)
-        summaries.append(_summarise(fold, s_df, e_df, module))
+        summaries.append(_summarise(fold, s_df, e_df, module, data.y[val_idx]))
         steps.append(s_df)
         epochs.append(e_df)
         pgn.append(pd.DataFrame(rec.param_grad_norms))
@@ -334,7 +332,8 @@ def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_model
     if len(history) and len(epochs_df):
         history = history.merge(epochs_df[["fold", "epoch", "val_loss"]], on=["fold", "epoch"], how="left")
     summary = pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)
-    for col in ("first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step", "first_nonfinite_epoch"):
+    for col in ("first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step",
+                "first_nonfinite_step", "first_nonfinite_epoch"):
         summary[col] = summary[col].astype("Int64")
     return KFoldResult(config=config, history=history, epochs=epochs_df, summary=summary,
                        param_grad_norms=pd.concat(pgn, ignore_index=True) if pgn else pd.DataFrame(),
