@@ -16,8 +16,8 @@ Above ``training`` (which trains one k-fold run and says each fold's fate) and b
 - ``recommended.py``: the configuration chapter 8 recommends (``prot_lib/configs/recommended/``);
 - ``runtime.py``: how a worker is set up (one thread, Lightning quiet).
 """
-from .cells import (CLIP_SETTINGS, ROW_COLUMNS, Cell, cell_config, clip_settings, grid_cells, setting_label,
-                    setting_overrides)
+from .cells import (CLIP_SETTINGS, ROW_COLUMNS, Cell, cell_config, clip_settings, fold_rows, grid_cells,
+                    setting_label, setting_overrides)
 from .engine import ENGINES, CellStore, run_cells
 from .fix_matrix import FIX_TABLE_COLUMNS, FixMatrix, fix_matrix, fix_table, subset_result
 from .quick import AdamStepRecorder, adam_probe, adam_toy_steps, quick_config, quick_train
@@ -30,7 +30,7 @@ from .stability import (clip_sweep, clip_sweep_table, describe_stability, edge_t
 from .sweeps import SweepResult, run_sweep
 
 __all__ = [
-    "CLIP_SETTINGS", "ROW_COLUMNS", "Cell", "cell_config", "clip_settings", "grid_cells", "setting_label",
+    "CLIP_SETTINGS", "ROW_COLUMNS", "Cell", "cell_config", "clip_settings", "fold_rows", "grid_cells", "setting_label",
     "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
     "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",
     "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates",
