@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,12 +141,13 @@ def run_sweep(name: Union[str, Path], quick: bool = False, *, engine: Optional[s
         ConfigError: no such spec, or an invalid one (names the file and key).
     """
     spec = load_spec(name, quick=quick)
+    engine = engine or os.environ.get("PROT_LIB_ENGINE") or "local"
     out = Path(out) if out is not None else default_out(spec.name, quick)
     t0 = time.perf_counter()
     rows = run_cells(spec_cells(spec), engine=engine, scheduler=scheduler, n_jobs=n_jobs, out=out,
                      progress=progress, desc=spec.name)
     tables, findings = analyse(spec, rows)
     result = SweepResult(spec=spec, rows=rows, tables=tables, findings=findings, quick=quick,
-                         engine=engine or "local", wall_s=time.perf_counter() - t0, out=out)
+                         engine=engine, wall_s=time.perf_counter() - t0, out=out)
     result.write(out)
     return result
