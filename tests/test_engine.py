@@ -78,6 +78,19 @@ def test_a_stored_cell_of_other_code_is_trained_again(tmp_path, monkeypatch):
     assert trained == [cells[0].key] and json.loads(path.read_text())["source"] == stored["source"]
 
 
+def test_small_sweeps_and_cached_runs_stay_in_this_process(tmp_path, monkeypatch):
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    cells = _cells()
+    assert sum(engine_mod.estimated_steps(c.task()) for c in cells) == 4 * 3 < engine_mod.PARALLEL_MIN_STEPS
+    assert (run_cells(cells, progress=False)["worker"] == here).all()  # n_jobs not given: no worker started
+    monkeypatch.setenv("PROT_LIB_CACHE", str(tmp_path / "cache"))
+    run_cells(cells[:2], n_jobs=1, progress=False)  # fills the run cache
+    mixed = run_cells(cells, n_jobs=2, progress=False)  # asks for workers: only the uncached cells go there
+    assert (mixed["worker"].iloc[:2] == here).all() and (mixed["worker"].iloc[2:] != here).all()
+    whole = grid_cells("ishigami", fixes=["none"], folds=None)[0]  # 5 folds x 10 epochs x ~25 steps
+    assert engine_mod.estimated_steps(whole.task()) == 5 * 10 * 25
+
+
 # ------------------------------------------------------------------------------ a real Dask cluster
 def _free_port() -> int:
     with socket.socket() as s:

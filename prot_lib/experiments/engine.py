@@ -4,14 +4,18 @@
 (:func:`~prot_lib.experiments.cells.rows_frame`). Along the way:
 
 - **one run per key**: cells that train the same thing (equal :attr:`Cell.key`, e.g. Dyconex's
-  ``lower-lr`` and ``none``, whose lr already is 1e-4) are trained once;
+  ``lower-lr`` and ``none``, whose lr already is 1e-4) are trained once; a cell whose run is already in
+  the run cache (``PROT_LIB_CACHE``, :mod:`prot_lib.training.run_cache`) is read back in this process,
+  never sent to a worker;
 - **engines**: ``local`` runs the cells in worker processes on this machine with joblib's ``loky``
   backend, one process per core (``n_jobs``), one torch thread each
   (:func:`~prot_lib.experiments.runtime.one_thread_per_worker`); ``dask`` sends each cell to a Dask
   distributed cluster (:mod:`prot_lib.experiments.dask_engine`): a ``LocalCluster`` when no address is
   given, else the running scheduler at ``scheduler`` (``tcp://host:8786``), so the same call scales to
   clusters started by dask-jobqueue (Slurm, PBS), dask-kubernetes or ``dask ssh``. One cell, or
-  ``n_jobs=1``, runs in this process;
+  ``n_jobs=1``, runs in this process; so does, when ``n_jobs`` is not given, a local sweep of fewer
+  than :data:`PARALLEL_MIN_STEPS` optimizer steps in all: starting a worker process costs seconds
+  (importing torch and Lightning), more than such a sweep would gain;
 - **resume**: with ``out``, each cell's result is written to ``<out>/cells/<key>.json`` by this
   process the moment it arrives (atomically), and a later call finds it there and does not train it
   again: an interrupted sweep resumes where it stopped. A stored result counts only if the code that
@@ -40,10 +44,16 @@ from ..utils.io import atomic_write_text
 from .cells import Cell, rows_frame, run_cell
 from .runtime import one_thread_per_worker
 
-__all__ = ["ENGINES", "CellStore", "run_cells", "default_jobs"]
+__all__ = ["ENGINES", "PARALLEL_MIN_STEPS", "CellStore", "run_cells", "default_jobs", "estimated_steps"]
 
 #: the engines :func:`run_cells` knows
 ENGINES = ("local", "dask")
+#: with ``n_jobs`` not given, a local sweep estimated below this many optimizer steps (all cells and
+#: folds together; about a minute of training on one core at ~20 ms a step) runs in the calling process
+PARALLEL_MIN_STEPS = 3000
+#: optimizer steps per epoch assumed for the estimate when a cell trains whole epochs (Ishigami's 25,
+#: the most of a shipped config)
+_STEPS_PER_EPOCH_ESTIMATE = 25
 
 
 class CellStore:
@@ -93,6 +103,18 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def estimated_steps(task: Mapping[str, Any]) -> int:
+    """Optimizer steps a cell will train (an upper estimate when it trains whole epochs)."""
+    per_fold = task["max_steps"] if task["max_steps"] > 0 else \
+        task["config"]["training"]["max_epochs"] * _STEPS_PER_EPOCH_ESTIMATE
+    return int(per_fold) * len(task["folds"])
+
+
+def _in_run_cache(task: Mapping[str, Any]) -> bool:
+    """The cell's run is stored in the run cache (its key is the run cache's key)."""
+    return bool(task.get("cache_dir")) and (Path(task["cache_dir"]) / f"{task['key']}.pt").is_file()
+
+
 def _worker_entry(task: Mapping[str, Any]) -> Dict[str, Any]:
     """A cell in a worker process: one thread, then :func:`run_cell`."""
     one_thread_per_worker()
@@ -120,7 +142,8 @@ def run_cells(cells: Sequence[Cell], *, engine: Optional[str] = None, scheduler:
         engine: "local" or "dask" (default ``$PROT_LIB_ENGINE``, else "local").
         scheduler: for "dask": the address of a running scheduler (default ``$PROT_LIB_SCHEDULER``; none:
             a ``LocalCluster`` of ``n_jobs`` single-threaded worker processes, closed afterwards).
-        n_jobs: worker processes of the local engine or the LocalCluster (default :func:`default_jobs`).
+        n_jobs: worker processes of the local engine or the LocalCluster (default :func:`default_jobs`;
+            a local sweep of fewer than :data:`PARALLEL_MIN_STEPS` steps then runs in this process).
         out: folder for the per-cell results (:class:`CellStore`); None: keep nothing on disk.
         progress: show a tqdm bar of cells done (default: only on a terminal).
         desc: the bar's label.
@@ -138,6 +161,7 @@ def run_cells(cells: Sequence[Cell], *, engine: Optional[str] = None, scheduler:
     engine = engine or os.environ.get("PROT_LIB_ENGINE") or "local"
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    n_jobs_given = n_jobs or (os.environ.get("PROT_LIB_JOBS") or None)
     n_jobs = n_jobs or default_jobs()
     store = CellStore(out) if out is not None else None
     results: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in (known or {}).items()}
@@ -166,8 +190,15 @@ def run_cells(cells: Sequence[Cell], *, engine: Optional[str] = None, scheduler:
         bar.update(1)
 
     try:
-        if tasks:
-            todo = list(tasks.values())
+        todo = []
+        for task in tasks.values():
+            if _in_run_cache(task):  # read back here: no worker to start, no training
+                on_result(run_cell(task))
+            else:
+                todo.append(task)
+        if todo:
+            if engine == "local" and n_jobs_given is None and sum(map(estimated_steps, todo)) < PARALLEL_MIN_STEPS:
+                n_jobs = 1
             if engine == "dask":
                 from . import dask_engine  # distributed takes ~3 s to import: only when asked for
 
