@@ -96,6 +96,10 @@ def test_fix_matrix_reads_the_fates_and_trains_identical_configs_once(tmp_path, 
     # the table's ratio is the fold's fate's rmse_ratio, not a second computation
     assert norm["rmse_over_std"] == pytest.approx(f.loc["normalize", "rmse_ratio"])
     assert norm["target_std"] == pytest.approx(f.loc["normalize", "target_std"])
+    # the runs behind the rows, fetched on demand (here trained again: no run cache in this test)
+    assert m.runs[("dyconex", "lower-lr")] is m.runs[("dyconex", "none")] and len(m.runs) == 4
+    assert m.runs[("dyconex", "sanitize")].fold_summary(0)["fate"] == f.loc["sanitize", "fate"]
+    assert np.isfinite(m.runs[("dyconex", "sanitize")].history["train_loss"]).all()
     p = m.pivot("frac_nan_params_end")
     assert p.index.tolist() == ["none", "lower-lr", "sanitize", "normalize"] and p.columns.tolist() == ["dyconex"]
     assert p.loc["normalize", "dyconex"] == 0.0 and p.loc["none", "dyconex"] == 1.0

@@ -11,24 +11,59 @@ fold's fate as :mod:`prot_lib.training.fate` defines it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections import abc
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from ..training.kfold import KFoldResult
+from ..training.kfold import KFoldResult, run_kfold
 from .cells import Cell, cell_result, grid_cells
 from .engine import run_cells
+from .runtime import quiet_lightning
 from .specs import load_spec
 
-__all__ = ["FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix", "fix_table", "subset_result"]
+__all__ = ["FIX_TABLE_COLUMNS", "FixMatrix", "LazyRuns", "fix_matrix", "fix_table", "subset_result"]
 #: one row per (dataset, fix) in :attr:`FixMatrix.table`
 FIX_TABLE_COLUMNS = [
     "dataset", "fix", "n_folds", "folds_nonfinite_loss", "folds_nonfinite_logged_loss", "folds_nan_params_end",
     "frac_nan_params_end", "folds_dead", "first_nonfinite_step", "n_live_folds", "mean_val_rmse", "target_std",
     "rmse_over_std", "same_config_as",
 ]
+
+
+class LazyRuns(abc.Mapping):
+    """{(dataset, fix): KFoldResult} of a fix matrix, each run fetched on first access.
+
+    The engine returns rows, not runs (a worker's models and histories stay with the worker). A run
+    asked for is read from ``known`` (sliced to the cell's folds), else obtained from
+    :func:`~prot_lib.training.kfold.run_kfold`, which reads it back from the run cache that the
+    engine's workers filled (``PROT_LIB_CACHE``; the book build and the notebook tests set it), and
+    trains it again in this process only when there is no cache. Two fixes that are one run share
+    one result.
+    """
+
+    def __init__(self, cells: Mapping[Tuple[str, str], Cell], known: Mapping[Tuple[str, str], KFoldResult]):
+        self._cells, self._known = dict(cells), dict(known)
+        self._by_key: Dict[str, KFoldResult] = {}
+
+    def __getitem__(self, item: Tuple[str, str]) -> KFoldResult:
+        cell = self._cells[item]
+        if cell.key not in self._by_key:
+            if item in self._known:
+                self._by_key[cell.key] = subset_result(self._known[item], cell.folds)
+            else:
+                with quiet_lightning():
+                    self._by_key[cell.key] = run_kfold(cell.config, folds=list(cell.folds), max_steps=cell.max_steps,
+                                                       progress=False, keep_models=False)
+        return self._by_key[cell.key]
+
+    def __iter__(self) -> Iterator[Tuple[str, str]]:
+        return iter(self._cells)
+
+    def __len__(self) -> int:
+        return len(self._cells)
 
 
 @dataclass
@@ -39,10 +74,13 @@ class FixMatrix:
         table: one row per (dataset, fix), :data:`FIX_TABLE_COLUMNS` (:func:`fix_table`).
         per_fold: the sweep's rows (:data:`~prot_lib.experiments.cells.ROW_COLUMNS`), one per
             (dataset, fix, fold), plus ``loss_nonfinite`` (the fate's ``first_nonfinite_loss_step`` set).
+        runs: {(dataset, fix): KFoldResult} restricted to the requested folds, fetched on first access
+            (:class:`LazyRuns`: from ``known`` or the run cache).
     """
 
     table: pd.DataFrame
     per_fold: pd.DataFrame
+    runs: Mapping[Tuple[str, str], KFoldResult] = field(default_factory=dict, repr=False)
 
     def row(self, dataset: str, fix: str) -> pd.Series:
         """The table row of (dataset, fix)."""
@@ -164,4 +202,5 @@ def fix_matrix(folds: Mapping[str, Optional[Sequence[int]]], fixes: Optional[Seq
     engine.setdefault("desc", "fix matrix")
     rows = run_cells(cells, known=given, **engine)
     per_fold = rows.assign(loss_nonfinite=rows["first_nonfinite_loss_step"].notna())
-    return FixMatrix(table=fix_table(rows), per_fold=per_fold)
+    runs = LazyRuns({(c.labels["dataset"], c.labels["fix"]): c for c in cells}, known or {})
+    return FixMatrix(table=fix_table(rows), per_fold=per_fold, runs=runs)
