@@ -1,4 +1,4 @@
-"""Command line: ``python -m prot_lib reproduce|run|data``.
+"""Command line: ``python -m prot_lib reproduce|run|autopsy|data|sweep``.
 
 - ``python -m prot_lib reproduce ishigami|dyconex [--fix FIX] [--json]``: run a shipped reproduction
   (with one fix, or all) and print a per-fold table (or JSON: a list of per-fold summaries).
@@ -10,6 +10,9 @@
   print its autopsy report (exit 0: the non-finite value reappeared; 1: the replay stayed finite;
   2: not a readable bundle).
 - ``python -m prot_lib data regenerate [--out DIR]``: rewrite the shipped data files.
+- ``python -m prot_lib sweep NAME [--engine local|dask] [--scheduler ADDRESS] [--quick] [--out DIR]``: run
+  one of the book's sweeps (``prot_lib/configs/sweeps/NAME.yaml``) through the sweep engine
+  (:func:`prot_lib.experiments.run_sweep`) and print its tables; an interrupted sweep resumes from DIR.
 """
 from __future__ import annotations
 
@@ -69,8 +72,44 @@ def _autopsy(path: str, as_json: bool) -> int:
     return 0 if report.reproduced else 1
 
 
+def _add_sweep_parser(sub, config_dir) -> None:
+    names = sorted(p.stem for p in (config_dir / "sweeps").glob("*.yaml"))
+    sw = sub.add_parser(
+        "sweep", help="run one of the book's sweeps on every core or on a Dask cluster",
+        description="Run a sweep spec (prot_lib/configs/sweeps/NAME.yaml) through the sweep engine. Each "
+        "cell's result is written to DIR/cells/ as it finishes, so a sweep run again with the same DIR "
+        "skips the cells already there; the rows and tables go to DIR too.")
+    sw.add_argument("name", metavar="NAME", help=f"a shipped sweep ({', '.join(names)}) or a spec YAML file")
+    sw.add_argument("--engine", choices=["local", "dask"], default="local",
+                    help="local: worker processes on this machine (joblib/loky), one torch thread each; "
+                    "dask: a Dask distributed cluster (default: local)")
+    sw.add_argument("--scheduler", metavar="ADDRESS",
+                    help="with --engine dask: a running scheduler, e.g. tcp://10.0.0.5:8786 (started by "
+                    "dask-jobqueue, dask-kubernetes, dask ssh or by hand); default: a LocalCluster")
+    sw.add_argument("--quick", action="store_true", help="the spec's quick variant (about a minute on 2 cores)")
+    sw.add_argument("--out", metavar="DIR", help="results folder (default: runs/sweeps/NAME[-quick])")
+    sw.add_argument("--jobs", type=int, metavar="N",
+                    help="worker processes of the local engine or the LocalCluster (default: every core)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sweep(args) -> int:
+    from .experiments import run_sweep
+    from .training.config import ConfigError
+
+    try:
+        result = run_sweep(args.name, quick=args.quick, engine=args.engine, scheduler=args.scheduler,
+                           n_jobs=args.jobs, out=args.out, progress=False if args.no_progress else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.report())
+    print(f"\nresults: {result.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from .training.config import FIXES, ConfigError
+    from .training.config import CONFIG_DIR, FIXES, ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m prot_lib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +133,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = sub.add_parser("data", help="dataset utilities")
     data.add_argument("action", choices=["regenerate"])
     data.add_argument("--out", help="output folder (default: the repository's data/)")
+    _add_sweep_parser(sub, CONFIG_DIR)
     args = parser.parse_args(argv)
+    if args.command == "sweep" and args.scheduler and args.engine != "dask":
+        parser.error("--scheduler needs --engine dask")
 
     if args.command == "data":
         from .data.generate import main as generate_main
@@ -102,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return generate_main(["--out", args.out] if args.out else [])
 
     _quiet_lightning()
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command == "autopsy":
         return _autopsy(args.bundle, args.json)
     from .diagnostics.autopsy import NonFiniteTrainingError

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 import numpy as np
 import torch
 
+from prot_lib.data import DATASETS
 from prot_lib.training import run_kfold
 from prot_lib.training.config import reproduction_config
 
@@ -49,7 +50,7 @@ def run(dataset, fix, seed, folds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="ishigami", choices=["ishigami", "dyconex"])
+    ap.add_argument("--dataset", default="ishigami", choices=DATASETS)
     ap.add_argument("--fix-a", default="none")
     ap.add_argument("--fix-b", default="none")
     ap.add_argument("--seed", type=int)

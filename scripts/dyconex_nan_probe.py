@@ -4,10 +4,10 @@
 Each variant changes one thing about the Dyconex stand-in's tensors, then
 
 1. builds the fold-0 model exactly as ``train_fold`` does (``seed_everything(seed + 0)``, same loader
-   order), runs ONE forward + backward on the first training batch with forward hooks on every
-   module and a wrapper around each Mamba block's selective scan, and reports the first tensor that
-   is non-finite, in execution order (module name, input or output), plus the largest |value| per
-   module;
+   order), runs ONE forward + backward on the first training batch, watched by
+   :func:`prot_lib.diagnostics.probes.probe_step` (a hook on every module, a wrapper around each Mamba
+   block's selective scan), and reports the first tensor that is non-finite, in execution order
+   (module name, input or output), plus the largest |value| per module;
 2. trains fold 0 for the config's epochs and reports the first non-finite step and the val RMSE.
 
 Variants (raw = as shipped: raw units, raw Unix timestamps, NaN inputs and NaN targets):
@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
-import types
 import warnings
 from pathlib import Path
 
@@ -45,26 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import logging
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 
-import lightning.pytorch as pl
-import torch
-
-from prot_lib.data import load_dataset
-from prot_lib.training import run_kfold
-from prot_lib.training.config import reproduction_config
-from prot_lib.training.kfold import fold_indices, make_loaders
-from prot_lib.training.module import NaNStudyModule
+from prot_lib.data import load_dataset  # noqa: E402
+from prot_lib.diagnostics.probes import probe_step, tensor_summary  # noqa: E402
+from prot_lib.experiments import quiet_lightning  # noqa: E402
+from prot_lib.training import run_kfold  # noqa: E402
+from prot_lib.training.config import reproduction_config  # noqa: E402
+from prot_lib.training.kfold import fold_indices, make_loaders  # noqa: E402
+from prot_lib.training.module import NaNStudyModule  # noqa: E402
 
 VARIANTS = ["raw", "raw_y_dropped", "raw_x_zeroed", "ts_hours", "values_std", "std_nan_x", "std_nan_y", "std"]
-
-
-def _absmax(t):
-    if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
-        return None
-    finite = torch.isfinite(t)
-    return {"finite": bool(finite.all()), "n_nan": int(torch.isnan(t).sum()), "n_inf": int(torch.isinf(t).sum()),
-            "absmax_finite": float(t[finite].abs().max()) if finite.any() else None}
 
 
 def make_variant(data, name: str, train_idx):
@@ -102,67 +92,26 @@ def make_variant(data, name: str, train_idx):
 
 
 def first_batch_probe(cfg, data, train_idx, val_idx, fold=0):
-    """One forward/backward on the first training batch of ``fold`` with hooks; returns a dict."""
+    """One watched forward/backward on the first training batch of ``fold``; returns a dict."""
     t = cfg.training
     pl.seed_everything(t.seed + fold, workers=True, verbose=False)
     train_dl, _ = make_loaders(data, train_idx, val_idx, t.batch_size, t.seed + fold)
     module = NaNStudyModule(cfg, n_features=data.x.shape[-1])
-    events = []
-
-    def hook(name):
-        def fn(mod, inp, out):
-            events.append({"module": name, "kind": type(mod).__name__,
-                           "input": _absmax(inp[0]) if inp else None, "output": _absmax(out)})
-        return fn
-
-    for name, mod in module.model.named_modules():
-        if name and not isinstance(mod, torch.nn.Identity):
-            mod.register_forward_hook(hook(name))
-        if type(mod).__name__ == "Mamba":
-            orig = mod._scan
-
-            def _scan(self, u, _orig=orig, _name=name):
-                fn = _orig(u)
-
-                def wrapped(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
-                    dt = torch.nn.functional.softplus(delta + delta_bias[..., None]) if delta_softplus else delta
-                    out = fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-                    events.append({"module": f"{_name}.selective_scan", "kind": "scan",
-                                   "input": {"u": _absmax(u), "delta_softplus": _absmax(dt), "B": _absmax(B),
-                                             "C": _absmax(C), "z": _absmax(z)},
-                                   "output": _absmax(out)})
-                    return out
-                return wrapped
-            mod._scan = types.MethodType(_scan, mod)
-
     x, y = next(iter(train_dl))
-    batch_info = {"x": _absmax(x), "y": _absmax(y), "rows_with_nan_x": int(torch.isnan(x).flatten(1).any(1).sum()),
-                  "n_nan_y": int(torch.isnan(y).sum())}
-    loss, raw_loss, pred, _, _ = module._step((x, y), "train")
-    loss.backward()
-    grads = {n: _absmax(p.grad) for n, p in module.named_parameters() if p.grad is not None}
-    first_bad = None
-    for e in events:
-        ins = e["input"] if e["kind"] != "scan" else None
-        out_bad = e["output"] is not None and not e["output"]["finite"]
-        if e["kind"] == "scan":
-            in_bad = any(v is not None and not v["finite"] for v in e["input"].values())
-        else:
-            in_bad = ins is not None and not ins["finite"]
-        if out_bad or in_bad:
-            first_bad = {"module": e["module"], "non_finite": "input" if in_bad else "output",
-                         "born_here": (not in_bad) and out_bad, **e}
-            break
-    first_bad_grad = next((n for n, g in grads.items() if g and not g["finite"]), None)
-    return {
-        "batch": batch_info,
-        "first_nonfinite": first_bad,
-        "pred": _absmax(pred), "raw_loss": float(raw_loss), "loss": float(loss),
-        "per_module_output_absmax": {e["module"]: (e["output"] or {}).get("absmax_finite") for e in events},
-        "per_module_output_finite": {e["module"]: (e["output"] or {}).get("finite") for e in events},
-        "n_params_nonfinite_grad": sum(1 for g in grads.values() if g and not g["finite"]),
-        "first_param_nonfinite_grad": first_bad_grad,
-    }
+    batch_info = {"x": tensor_summary(x), "y": tensor_summary(y),
+                  "rows_with_nan_x": int(torch.isnan(x).flatten(1).any(1).sum()), "n_nan_y": int(torch.isnan(y).sum())}
+    seen = {}
+
+    def step():  # the module's own training loss (masking, sanitisation as configured)
+        loss, raw_loss, pred, _, _ = module._step((x, y), "train")
+        seen.update(raw_loss=float(raw_loss), pred=tensor_summary(pred))
+        return loss
+
+    probe = probe_step(module.model, step)
+    return {"batch": batch_info, "first_nonfinite": probe["first_nonfinite"], "pred": seen["pred"],
+            "raw_loss": seen["raw_loss"], "loss": probe["loss"],
+            **{k: probe[k] for k in ("per_module_output_absmax", "per_module_output_finite",
+                                     "n_params_nonfinite_grad", "first_param_nonfinite_grad")}}
 
 
 def main(argv=None):
@@ -177,8 +126,6 @@ def main(argv=None):
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(n).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
     cfg = reproduction_config("dyconex", args.fix)
@@ -198,7 +145,7 @@ def main(argv=None):
         rec = {"note": note, "n_rows": len(data), "n_features": data.x.shape[-1]}
         rec["probe"] = first_batch_probe(cfg, data, tr, va)
         if not args.no_train:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, quiet_lightning():
                 res = run_kfold(cfg, folds=[0], data=data, run_dir=tmp, progress=False, keep_models=True)
             s = res.fold_summary(0)
             h = res.history

@@ -6,7 +6,6 @@ import math
 
 import lightning.pytorch as pl
 import numpy as np
-import pandas as pd
 import pytest
 
 from prot_lib.training import ConfigError, reproduction_config, run_kfold
@@ -198,39 +197,3 @@ def test_fixed_norm_clipping_logs_its_value_as_threshold(tmp_path):
     res = run_kfold(reproduction_config("ishigami"), folds=[0], max_steps=3,
                     run_dir=tmp_path / "runs2", progress=False)
     assert res.history["clip_threshold"].isna().all()
-
-
-# --- the stability map's bookkeeping, on a hand-made map ----------------------------------------------
-
-
-def test_clip_map_summaries_by_hand():
-    from prot_lib.diagnostics.clip_map import MAP_COLUMNS, edge_table, needs_tuning_table, summarize_clip_map
-
-    rows = []
-    #          lr,   setting, fold, finite, rmse
-    for lr, setting, fold, finite, rmse in [
-        (0.01, "none", 0, True, 2.0), (0.01, "none", 1, True, 4.0),        # stable row: none finite
-        (0.01, "norm 1", 0, True, 1.0), (0.01, "norm 1", 1, True, 2.0),    # best of the row: mean 1.5
-        (0.01, "autoclip p10", 0, True, 1.5), (0.01, "autoclip p10", 1, True, 1.8),
-        (0.03, "none", 0, False, math.nan), (0.03, "none", 1, True, 3.0),  # edge row: none lost a fold
-        (0.03, "norm 1", 0, True, 2.0), (0.03, "norm 1", 1, True, 2.0),
-        (0.03, "autoclip p10", 0, False, math.nan), (0.03, "autoclip p10", 1, False, math.nan),
-        (0.1, "none", 0, False, math.nan), (0.1, "norm 1", 0, False, math.nan),  # dead row
-        (0.1, "autoclip p10", 0, False, math.nan),
-    ]:
-        rows.append(dict.fromkeys(MAP_COLUMNS, math.nan) | {"dataset": "d", "lr": lr, "setting": setting, "fold": fold,
-                                                             "finite": finite, "final_val_rmse": rmse})
-    df = pd.DataFrame(rows, columns=MAP_COLUMNS)
-    s = summarize_clip_map(df).set_index(["lr", "setting"])
-    # means 3.0, 1.5, 1.65 -> ratios 2.0, 1.0, 1.1; a lost fold counts as inf; a dead row has no ratio
-    assert s.loc[(0.01, "none"), "rmse_ratio"] == pytest.approx(2.0)
-    assert s.loc[(0.01, "autoclip p10"), "rmse_ratio"] == pytest.approx(1.1)
-    assert s.loc[(0.03, "none"), "finite_rate"] == 0.5 and s.loc[(0.03, "none"), "rmse_ratio"] == math.inf
-    assert math.isnan(s.loc[(0.1, "norm 1"), "rmse_ratio"])
-    t = needs_tuning_table(summarize_clip_map(df), tolerance=1.10)  # one stable row: lr 0.01
-    assert t["stable_rows"].tolist() == [1, 1, 1]
-    assert t.loc["norm 1", "good_rows"] == 1 and t.loc["autoclip p10", "good_rows"] == 1
-    assert t.loc["none", "good_rows"] == 0
-    e = edge_table(df)  # one edge row: lr 0.03
-    assert e.to_dict("index") == {"norm 1": {"finite_folds": 2, "folds": 2}, "none": {"finite_folds": 1, "folds": 2},
-                                  "autoclip p10": {"finite_folds": 0, "folds": 2}}

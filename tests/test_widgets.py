@@ -102,10 +102,21 @@ def test_dyconex_nan_is_drawn_not_raised():
 
 
 def test_clip_sweep_table_and_figure():
-    df = pw.clip_sweep("ishigami", lr=1e-2, clip_values=[None, 0.1], max_steps=STEPS)
-    assert list(df["clip"]) == ["off", "0.1"]
-    assert df.loc[0, "gradient_clip_val"] == math.inf and df.loc[0, "frac_clipped"] == 0.0
-    assert df.loc[1, "frac_clipped"] > 0.5  # Ishigami's gradient norms are ~10: 0.1 clips nearly every step
-    assert {"nonfinite", "first_nan_step", "final_loss", "max_loss", "max_grad_norm", "n_steps"} <= set(df.columns)
+    df = pw.clip_sweep("ishigami", lr=1e-2, clip_values=[None, 0.1], max_steps=STEPS, n_jobs=1, progress=False)
+    assert list(df["setting"]) == ["none", "norm 0.1"]
+    assert math.isnan(df.loc[0, "gradient_clip_val"]) and df.loc[0, "clipped_fraction"] == 0.0
+    assert df.loc[1, "clipped_fraction"] > 0.5  # Ishigami's gradient norms are ~10: 0.1 clips nearly every step
+    assert {"nonfinite", "first_nonfinite_step", "fate", "final_loss", "max_loss", "max_grad_norm",
+            "n_steps"} <= set(df.columns)
     fig = pw.plot_clip_sweep(df)
-    assert fig._suptitle.get_text().startswith("non-finite runs per gradient_clip_val")
+    assert fig._suptitle.get_text() == "non-finite runs per gradient_clip_val: norm 0.1: 0/1, none: 0/1"
+
+
+def test_the_status_line_is_read_from_the_fate(explorer):
+    res = explorer.last_result
+    s = res.fold_summary(0)
+    text = pw.describe_clip_run(res, explorer.gradient_clip_val)
+    if s["first_nonfinite_step"] is None:
+        assert text.split(": ", 1)[1].startswith(f"finite for {s['n_steps']} steps")
+    else:
+        assert f"non-finite at step {s['first_nonfinite_step']}" in text

@@ -42,7 +42,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-FIXES = ("none", "clip", "dict-clip", "sanitize", "warmup", "layernorm", "normalize", "lower-lr", "all")
+
+
+def _fix_names() -> tuple:
+    """"none", then one name per overlay file ``configs/fixes/<name>.yaml`` (sorted), then "all".
+    Adding a fix is adding its YAML file; nothing else lists the fixes."""
+    return ("none", *sorted(p.stem for p in (CONFIG_DIR / "fixes").glob("*.yaml")), "all")
+
+
+#: every name ``fix_overlay`` and ``reproduction_config`` accept (derived from ``configs/fixes/*.yaml``)
+FIXES = _fix_names()
 #: the fixes combined by ``--fix all`` (dict-clip is the write-up's broken variant of clip)
 ALL_FIXES = ("clip", "sanitize", "warmup", "layernorm", "normalize")
 

@@ -6,8 +6,6 @@ split and its initial weights, not on the previous fold.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -32,6 +30,7 @@ from .fate import FATE_COLUMNS, fold_fate, writeup_pattern
 from .checkpoint import checkpoint_callbacks
 from .history import HistoryRecorder, params_all_finite
 from .module import NaNStudyModule
+from . import run_cache
 
 #: one row per fold: its fate (:mod:`prot_lib.training.fate`, the only definition) and the steps
 #: ``training.on_nonfinite`` dropped
@@ -205,26 +204,6 @@ def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_
     return module, recorder, messages
 
 
-def _source_fingerprint() -> str:
-    """Hash of the library's own source and shipped configs: a cache entry dies with any code change."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_path(config: RunConfig, folds, max_steps: int, data: Optional[SequenceData]) -> Optional[Path]:
-    cache_dir = os.environ.get("PROT_LIB_CACHE")
-    if not cache_dir or data is not None:
-        return None
-    key = json.dumps({"config": config.to_dict(), "folds": folds, "max_steps": max_steps,
-                      "src": _source_fingerprint(), "torch": torch.__version__}, sort_keys=True)
-    return Path(cache_dir) / f"{config.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
-
-
 def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Optional[SequenceData] = None,
               run_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
               callbacks: Sequence[pl.Callback] = (), keep_models: bool = True,
@@ -244,10 +223,10 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
             thread is faster than two on a loaded 2-core machine, and the result does not depend on it.
 
     Runs are deterministic for a given machine. When the environment variable ``PROT_LIB_CACHE``
-    names a folder (the book build and the notebook tests set it), a finished run is stored there,
-    keyed by the config, the folds and a hash of the library's source, and the same run asked again
-    (by a later chapter) is read back instead of recomputed. Runs given ``data`` or ``callbacks`` are
-    never cached.
+    names a folder (the book build and the notebook tests set it), a finished run is stored there
+    (:mod:`prot_lib.training.run_cache`: keyed by the config without its name, the folds, ``max_steps``
+    and a hash of the library's source), and the same run asked again (by a later chapter) is read
+    back instead of recomputed. Runs given ``data`` or ``callbacks`` are never cached.
 
     Returns:
         :class:`KFoldResult`.
@@ -257,9 +236,10 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
     """
     t = config.training
     fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
-    cache = None if callbacks else _cache_path(config, fold_list, max_steps, data)
+    # the run cache (prot_lib.training.run_cache): never for runs given their own data or callbacks
+    cache = None if (callbacks or data is not None) else run_cache.entry_path(config.to_dict(), fold_list, max_steps)
     if cache is not None and cache.is_file():
-        result = _load_cached(cache, config)
+        result = _load_cached(cache, config, keep_models)
         if run_dir is not None:  # the caller asked for the logs there: copy the cached ones
             shutil.copytree(result.run_dir, run_dir, dirs_exist_ok=True)
             result.run_dir = Path(run_dir)
@@ -268,35 +248,30 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        result = _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_models, max_steps)
+        # a cached entry always holds the weights, whoever asks for it later
+        result = _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_models or cache is not None,
+                            max_steps)
     finally:
         torch.set_num_threads(old_threads)
     if cache is not None:
         _save_cached(cache, result)
+        if not keep_models:
+            result.models = []
     return result
 
 
 def _save_cached(path: Path, result: KFoldResult) -> None:
-    """Store a finished run: its tables and weights (``path``) and a copy of its CSV logs beside it
-    (``path`` without suffix + ``_logs/``), so a cached result's ``run_dir`` holds real logs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    logs = path.with_name(path.stem + "_logs")
-    if Path(result.run_dir).is_dir():
-        shutil.rmtree(logs, ignore_errors=True)
-        shutil.copytree(result.run_dir, logs)
+    """Store a finished run in the run cache: its tables, its weights and its CSV logs."""
     payload = {"history": result.history, "epochs": result.epochs, "summary": result.summary,
                "param_grad_norms": result.param_grad_norms, "warnings": result.warnings,
-               "run_dir": str(logs),
                "models": [(m.hparams["n_features"], m.state_dict()) for m in result.models]}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    run_cache.save_entry(path, payload, logs=Path(result.run_dir))
 
 
-def _load_cached(path: Path, config: RunConfig) -> KFoldResult:
-    d = torch.load(path, weights_only=False)
+def _load_cached(path: Path, config: RunConfig, keep_models: bool = True) -> KFoldResult:
+    d = run_cache.load_entry(path)
     models = []
-    for n_features, state in d["models"]:
+    for n_features, state in (d["models"] if keep_models else []):
         m = NaNStudyModule(config, n_features=n_features)
         m.load_state_dict(state)
         models.append(m)

@@ -13,6 +13,7 @@ _LAZY = {
     "set_style": "plots", "plot_fold_curves": "plots", "plot_loss_and_grad": "plots",
     "plot_clip_norms": "plots", "plot_lr": "plots", "plot_param_grad_heatmap": "plots",
     "plot_outcome_heatmap": "plots", "plot_activation_scales": "plots", "describe_divergence": "plots",
+    "plot_clip_map": "plots",
     "clip_explorer": "widgets", "ClipExplorer": "widgets", "clip_sweep": "widgets",
     "plot_clip_run": "widgets", "plot_clip_sweep": "widgets", "describe_clip_run": "widgets",
     "describe_sweep": "widgets", "plot_adam_probe": "widgets", "adam_probe_ratios": "widgets",

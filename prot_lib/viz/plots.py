@@ -2,13 +2,17 @@
 
 One palette for the whole book (seaborn's "colorblind"); every figure gets a title that states its
 finding, axes with units, log scales where values span decades. Non-finite values cannot be drawn on
-a log axis: each curve stops at its last finite value and the first non-finite step is marked with a
-dashed line and a cross, so a reader sees *where* a run died.
+a log axis: each curve stops at its last finite value and the first non-finite value of the drawn
+column is marked with a dashed line and a cross, so a reader sees *where* a run died.
+
+A finding in words (a title) is read from the folds' fates (:mod:`prot_lib.training.fate`, the
+``summary`` of a :class:`~prot_lib.training.kfold.KFoldResult`), never re-derived from a curve:
+:func:`describe_divergence`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,33 +34,80 @@ def fold_colors(n: int):
 
 
 def first_nonfinite_step(df: pd.DataFrame, column: str) -> Optional[int]:
-    """First ``step`` whose ``column`` is NaN or +-inf (None if all finite)."""
+    """First ``step`` whose ``column`` is NaN or +-inf (None if all finite): where to put the mark on a
+    drawn curve (a fold's fate is in its summary, :func:`describe_divergence`)."""
     bad = ~np.isfinite(df[column].to_numpy(dtype=float))
     return int(df["step"].to_numpy()[bad][0]) if bad.any() else None
 
 
-def describe_divergence(history: pd.DataFrame, column: str = "raw_loss") -> str:
-    """A finding in words, e.g. "fold 3 diverges at step 120; folds 0-2, 4 stay finite"."""
-    bad, ok = [], []
-    for fold, g in history.groupby("fold"):
-        s = first_nonfinite_step(g, column)
-        (bad if s is not None else ok).append((int(fold), s))
+def _summary_of(run) -> pd.DataFrame:
+    """The fold summary of a :class:`~prot_lib.training.kfold.KFoldResult`, or the summary itself.
+
+    Raises:
+        TypeError: neither (e.g. a per-step history: its fate is in the run's summary, not in a curve).
+    """
+    summary = getattr(run, "summary", run)
+    if not isinstance(summary, pd.DataFrame) or "fate" not in summary or "fold" not in summary:
+        raise TypeError("pass a KFoldResult or its summary (the fate columns of prot_lib.training.fate), "
+                        "not a per-step history")
+    return summary
+
+
+def _history_and_summary(run) -> Tuple[pd.DataFrame, Optional[pd.DataFrame]]:
+    """(history, summary or None) of a KFoldResult, or (the history itself, None)."""
+    if isinstance(run, pd.DataFrame):
+        return run, None
+    return run.history, run.summary
+
+
+def describe_divergence(run, step_column: str = "first_nonfinite_step") -> str:
+    """A finding in words, read from the folds' fates, e.g. "fold 3 diverges at step 120; folds 0-2, 4
+    stay finite".
+
+    Args:
+        run: a :class:`~prot_lib.training.kfold.KFoldResult` or its ``summary`` (rows may be a subset of
+            folds).
+        step_column: which first non-finite step counts: ``first_nonfinite_step`` (a loss, gradient or
+            weight; the fate's definition of "went non-finite"), or ``first_nonfinite_loss_step``,
+            ``first_nonfinite_grad_step``, ``first_nonfinite_param_step``.
+
+    A fold that went non-finite and ended finite (fate "recovered") "recovers"; a finite fold whose fate
+    is "blown_up" is named with its validation RMSE in target standard deviations.
+
+    Raises:
+        TypeError: ``run`` is a per-step history, not a run or a summary.
+    """
+    s = _summary_of(run).sort_values("fold")
+    bad, ok, blown = [], [], []
+    for _, r in s.iterrows():
+        fold, step = int(r["fold"]), r[step_column]
+        if pd.notna(step):
+            bad.append(f"fold {fold} diverges at step {int(step)}" + (" and recovers" if r["fate"] == "recovered" else ""))
+        else:
+            ok.append(fold)
+            if r["fate"] == "blown_up":
+                blown.append(f"fold {fold} blows up (val RMSE {r['rmse_ratio']:.1f} target std)")
     if not bad:
-        return "the fold stays finite" if len(ok) == 1 else f"all {len(ok)} folds stay finite"
-    parts = [f"fold {f} diverges at step {s}" for f, s in bad]
-    tail = f"; fold{'s' if len(ok) > 1 else ''} {', '.join(str(f) for f, _ in ok)} stay{'s' if len(ok) == 1 else ''} finite" if ok else ""
-    return ", ".join(parts) + tail
+        text = "the fold stays finite" if len(ok) == 1 else f"all {len(ok)} folds stay finite"
+    else:
+        tail = (f"; fold{'s' if len(ok) > 1 else ''} {', '.join(str(f) for f in ok)} "
+                f"stay{'s' if len(ok) == 1 else ''} finite") if ok else ""
+        text = ", ".join(bad) + tail
+    return "; ".join([text, *blown])
 
 
 def plot_fold_curves(history: pd.DataFrame, column: str = "raw_loss", ax=None, title: Optional[str] = None,
-                     ylabel: Optional[str] = None, log: bool = True, mark_column: Optional[str] = None):
-    """One line per fold of ``history[column]`` against ``step``; first non-finite step marked.
+                     ylabel: Optional[str] = None, log: bool = True, mark_column: Optional[str] = None,
+                     summary: Optional[pd.DataFrame] = None):
+    """One line per fold of ``history[column]`` against ``step``; the first non-finite value marked.
 
     Args:
         history: a per-step table with ``fold``, ``step`` and ``column`` (as ``KFoldResult.history``).
         column: what to draw, e.g. ``raw_loss``, ``train_loss``, ``grad_norm_before_clip``.
+        title: the finding (default: :func:`describe_divergence` of ``summary``, else "<column> per fold").
         mark_column: which column's first non-finite value to mark (default ``column``).
         log: log10 y axis (values that span decades).
+        summary: the run's fold summary, for the default title.
 
     Returns:
         the matplotlib Axes.
@@ -83,19 +134,31 @@ def plot_fold_curves(history: pd.DataFrame, column: str = "raw_loss", ax=None, t
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step (within fold)")
     ax.set_ylabel(ylabel or column + (" (log scale)" if log else ""))
-    ax.set_title(title or describe_divergence(history, mark_column))
+    if title is None:
+        title = describe_divergence(summary[summary["fold"].isin(folds)]) if summary is not None else f"{column} per fold"
+    ax.set_title(title)
     ax.legend(fontsize=8, ncol=min(len(folds), 5), loc="best")
     return ax
 
 
-def plot_loss_and_grad(history: pd.DataFrame, title: Optional[str] = None, loss_column: str = "raw_loss"):
-    """Two panels: loss per fold and total gradient norm (before clipping) per fold."""
+def plot_loss_and_grad(run, title: Optional[str] = None, loss_column: str = "raw_loss"):
+    """Two panels: loss per fold and total gradient norm (before clipping) per fold.
+
+    Args:
+        run: a :class:`~prot_lib.training.kfold.KFoldResult` (the title then states the folds' fates,
+            :func:`describe_divergence`) or a per-step history (give ``title``).
+        title: the figure's finding (default: from the run's fates, else "loss and gradient norm per fold").
+        loss_column: the loss to draw (``raw_loss``: before any sanitisation; ``train_loss``: as logged).
+    """
+    history, summary = _history_and_summary(run)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     plot_fold_curves(history, loss_column, ax=axes[0], ylabel="training loss, MSE (target units^2, log)",
                      title="loss per step")
     plot_fold_curves(history, "grad_norm_before_clip", ax=axes[1], mark_column="grad_norm_before_clip",
                      ylabel="total gradient L2 norm (log)", title="gradient norm before clipping")
-    fig.suptitle(title or describe_divergence(history, loss_column), fontweight="bold")
+    if title is None:
+        title = describe_divergence(summary) if summary is not None else "loss and gradient norm per fold"
+    fig.suptitle(title, fontweight="bold")
     fig.tight_layout()
     return fig
 
@@ -192,3 +255,43 @@ def plot_activation_scales(scales: dict, ax=None, label: Optional[str] = None, t
 def finding_table(records: Sequence[dict]) -> pd.DataFrame:
     """Per-fold summaries (``KFoldResult.to_records()``) as a compact DataFrame for display."""
     return pd.DataFrame.from_records(records).set_index("fold")
+
+
+def plot_clip_map(summary: pd.DataFrame, title: Optional[str] = None, max_ratio: float = 2.0):
+    """Two heatmaps per dataset (rows: lr, columns: clip setting) of a
+    :func:`~prot_lib.experiments.stability.summarize_clip_map` table: the share of folds that stayed
+    finite, and the mean val RMSE relative to the best setting of the row (colour saturates at
+    ``max_ratio``; "x": the setting lost a fold, "-": every setting of the row lost a fold).
+
+    Returns:
+        the Figure.
+    """
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    n_rows = int(summary.groupby("dataset")["lr"].nunique().sum())
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 1.2 + 0.55 * n_rows + 1.2 * len(datasets)), squeeze=False)
+    for i, ds in enumerate(datasets):
+        d = summary[summary["dataset"] == ds]
+        order = list(dict.fromkeys(d["setting"]))
+        finite = d.pivot(index="lr", columns="setting", values="finite_rate")[order]
+        ratio = d.pivot(index="lr", columns="setting", values="rmse_ratio")[order]
+        labels = ratio.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else ("x" if np.isinf(v) else f"{v:.2f}")))
+        finite.index = ratio.index = labels.index = [f"{v:g}" for v in finite.index]
+        sns.heatmap(finite, annot=True, fmt=".2f", cmap="rocket", vmin=0, vmax=1, ax=axes[i, 0],
+                    cbar_kws={"label": "finite folds"}, linewidths=0.5, linecolor="white")
+        sns.heatmap(ratio.replace(np.inf, np.nan).clip(upper=max_ratio), annot=labels, fmt="", cmap="rocket_r",
+                    vmin=1, vmax=max_ratio, ax=axes[i, 1], cbar_kws={"label": "RMSE / best of row"},
+                    linewidths=0.5, linecolor="white")
+        for j, ax in enumerate(axes[i]):
+            for (r, c), text in np.ndenumerate(labels.to_numpy()):
+                if j == 1 and text in ("x", "-"):
+                    ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", color="0.4")
+            ax.grid(False)
+            ax.set_title(f"{ds}: share of folds finite" if j == 0 else f"{ds}: val RMSE / best of the row")
+            ax.set_ylabel("learning rate (per step)")
+            ax.set_xlabel("clip setting" if i == len(datasets) - 1 else "")
+            ax.tick_params(axis="x", rotation=20)
+            ax.tick_params(axis="y", rotation=0)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    fig.tight_layout()
+    return fig

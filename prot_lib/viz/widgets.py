@@ -3,7 +3,7 @@
 :func:`clip_explorer` returns an ipywidgets box with a log-scale clip slider (``FloatLogSlider``), an
 "off" checkbox, a learning-rate slider and a dataset dropdown. Every change (debounced: sliders send
 their value on release, ``continuous_update=False``) retrains one fold with
-:func:`prot_lib.training.quick.quick_train` (``Trainer(gradient_clip_val=...)``, the way Lightning really
+:func:`prot_lib.experiments.quick.quick_train` (``Trainer(gradient_clip_val=...)``, the way Lightning really
 clips) and redraws, as a PNG ``<img>`` inside an ``ipywidgets.Output``:
 
 - left: the raw training loss per optimizer step (log y), the first non-finite step marked;
@@ -11,8 +11,9 @@ clips) and redraws, as a PNG ``<img>`` inside an ``ipywidgets.Output``:
 
 The PNG lives in the Output widget's state, so a static page built from the executed notebook (MyST-NB
 embeds widget state) shows the last plot without a kernel; only moving the slider needs one. For the
-static book, :func:`prot_lib.training.quick.clip_sweep` (re-exported here) precomputes a sweep over clip
-values and :func:`plot_clip_sweep` draws it.
+static book, :func:`prot_lib.experiments.stability.clip_sweep` (re-exported here; it runs through the sweep
+engine) precomputes a sweep over clip values and :func:`plot_clip_sweep` draws it. What a run did (its
+title, its status line) is read from its fate (:mod:`prot_lib.training.fate`).
 
 Tests drive the widget without a kernel: its controls are attributes (``clip_slider``, ``off_toggle``,
 ``lr_slider``, ``dataset``, ``output``, ``status``), :meth:`ClipExplorer.update` retrains synchronously,
@@ -32,7 +33,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..training.quick import clip_sweep, quick_config, quick_train, run_outcome
+from ..data import DATASETS
+from ..experiments.cells import fold_rows
+from ..experiments.quick import quick_config, quick_train
+from ..experiments.stability import clip_sweep
+from ..training.kfold import KFoldResult
 from . import plots
 
 __all__ = ["ClipExplorer", "clip_explorer", "clip_sweep", "plot_clip_run", "plot_clip_sweep", "figure_png",
@@ -46,33 +51,41 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def describe_clip_run(history: pd.DataFrame, gradient_clip_val: Optional[float]) -> str:
-    """One line: what the fold did, e.g. "clip 1: non-finite at step 39; 100% of steps clipped"."""
-    out = run_outcome(history)
+def describe_clip_run(run: KFoldResult, gradient_clip_val: Optional[float], fold: Optional[int] = None) -> str:
+    """One line on what a fold did, read from its fate, e.g. "clip 1: non-finite at step 39; 100% of
+    steps clipped".
+
+    Args:
+        run: the fold's :class:`~prot_lib.training.kfold.KFoldResult`.
+        gradient_clip_val: the run's clip value (None: off).
+        fold: which fold (default: the run's first).
+    """
+    row = fold_rows(run, [fold if fold is not None else int(run.summary["fold"].iloc[0])])[0]
     head = f"clip {gradient_clip_val:g}" if gradient_clip_val else "clipping off"
-    fate = (f"non-finite at step {out['first_nan_step']}" if out["nonfinite"]
-            else f"finite for {out['n_steps']} steps, final loss {out['final_loss']:.3g}")
+    fate = (f"non-finite at step {row['first_nonfinite_step']}" if row["nonfinite"]
+            else f"finite for {row['n_steps']} steps, final loss {row['final_loss']:.3g}")
     if gradient_clip_val:
-        gn = history["grad_norm_before_clip"].to_numpy(dtype=float)
-        fin = np.isfinite(gn)
-        frac = float((gn[fin] > gradient_clip_val).mean()) if fin.any() else 0.0
-        fate += f"; {frac:.0%} of steps clipped"
+        clipped = row["clipped_fraction"] if math.isfinite(row["clipped_fraction"]) else 0.0
+        fate += f"; {clipped:.0%} of steps clipped"
     return f"{head}: {fate}"
 
 
-def plot_clip_run(history: pd.DataFrame, gradient_clip_val: Optional[float], axes=None,
-                  title: Optional[str] = None):
-    """Loss and gradient norm (before/after clipping) of one fold, first non-finite step marked.
+def plot_clip_run(run, gradient_clip_val: Optional[float], axes=None, title: Optional[str] = None):
+    """Loss and gradient norm (before/after clipping) of one fold, first non-finite value marked.
 
     Args:
-        history: ``KFoldResult.history`` of a single fold.
+        run: a one-fold :class:`~prot_lib.training.kfold.KFoldResult`, or the per-step history of a
+            single fold (then give ``title``).
         gradient_clip_val: the clip value of the run (None: off; no line drawn).
         axes: two Axes to draw into (default: a new pyplot figure, 12 x 4 in).
-        title: suptitle (default :func:`describe_clip_run`).
+        title: suptitle (default :func:`describe_clip_run` for a run, "loss and gradient norm" for a history).
 
     Returns:
         the Figure.
     """
+    history = run if isinstance(run, pd.DataFrame) else run.history
+    if title is None:
+        title = "loss and gradient norm" if isinstance(run, pd.DataFrame) else describe_clip_run(run, gradient_clip_val)
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     fig = axes[0].figure
@@ -108,27 +121,30 @@ def plot_clip_run(history: pd.DataFrame, gradient_clip_val: Optional[float], axe
     if len(step):  # keep every step on the x axis, even when nothing finite was drawn
         for a in axes:
             a.set_xlim(step.min() - 1, step.max() + 1)
-    fig.suptitle(title or describe_clip_run(h, gradient_clip_val), fontweight="bold")
+    fig.suptitle(title, fontweight="bold")
     fig.tight_layout()
     return fig
 
 
 def _sweep_order(df: pd.DataFrame) -> list:
-    return list(df.drop_duplicates("clip").sort_values("gradient_clip_val")["clip"])
+    """Clip settings by value, "none" (no value) last."""
+    order = df.drop_duplicates("setting").assign(v=lambda d: d["gradient_clip_val"].fillna(math.inf))
+    return list(order.sort_values("v", kind="stable")["setting"])
 
 
 def describe_sweep(df: pd.DataFrame) -> str:
-    """E.g. "non-finite runs per clip value: 0.1: 0/5, 1: 1/5, off: 0/5"."""
+    """E.g. "non-finite runs per gradient_clip_val: norm 0.1: 0/5, norm 1: 1/5, none: 0/5"."""
     parts = []
-    for clip in _sweep_order(df):
-        g = df[df["clip"] == clip]
-        parts.append(f"{clip}: {int(g['nonfinite'].sum())}/{len(g)}")
+    for setting in _sweep_order(df):
+        g = df[df["setting"] == setting]
+        parts.append(f"{setting}: {int(g['nonfinite'].sum())}/{len(g)}")
     return "non-finite runs per gradient_clip_val: " + ", ".join(parts)
 
 
 def plot_clip_sweep(df: pd.DataFrame, title: Optional[str] = None):
-    """A :func:`clip_sweep` table as a figure: per clip value (x, "off" last), the largest finite loss of
-    each run (log y; a run that went non-finite is a red cross) and the share of non-finite runs.
+    """A :func:`clip_sweep` table (the engine's rows) as a figure: per clip setting (x, "none" last), the
+    largest finite loss of each run (log y; a run that went non-finite, by its fate, is a red cross) and
+    the share of non-finite runs.
 
     Returns:
         the Figure.
@@ -142,31 +158,31 @@ def plot_clip_sweep(df: pd.DataFrame, title: Optional[str] = None):
         g = df[df["nonfinite"] == bad]
         if g.empty:
             continue
-        x = np.array([pos[c] for c in g["clip"]], dtype=float) + rng.uniform(-0.12, 0.12, len(g))
+        x = np.array([pos[c] for c in g["setting"]], dtype=float) + rng.uniform(-0.12, 0.12, len(g))
         y = g["max_loss"].to_numpy(dtype=float)
         y = np.where(np.isfinite(y), y, np.nan)
         ax.scatter(x, y, marker=marker, s=60 if bad else 35, color=color, edgecolor="black", lw=0.5,
                    label=label, zorder=3)
     ax.set_xticks(range(len(order)), order)
     ax.set_yscale("log")
-    ax.set_xlabel("gradient_clip_val")
+    ax.set_xlabel("clip setting (Trainer(gradient_clip_val=...))")
     ax.set_ylabel("largest finite training loss of the run (log)")
     ax.set_title("how far each run's loss spiked")
     ax.legend(fontsize=8)
-    rate = df.groupby("clip")["nonfinite"].mean().reindex(order)
+    rate = df.groupby("setting")["nonfinite"].mean().reindex(order)
     ax2.bar(range(len(order)), rate.to_numpy(), color=[plots.NAN_COLOR if r > 0 else "grey" for r in rate])
     ax2.set_xticks(range(len(order)), order)
     ax2.set_ylim(0, 1)
-    ax2.set_xlabel("gradient_clip_val")
+    ax2.set_xlabel("clip setting")
     ax2.set_ylabel("fraction of runs non-finite")
-    ax2.set_title(f"share of runs non-finite ({len(df) // max(len(order), 1)} per value)")
+    ax2.set_title(f"share of runs non-finite ({len(df) // max(len(order), 1)} per setting)")
     fig.suptitle(title or describe_sweep(df), fontweight="bold")
     fig.tight_layout()
     return fig
 
 
 def adam_probe_ratios(off: pd.DataFrame, on: pd.DataFrame) -> dict:
-    """Medians over the finite steps of two :func:`~prot_lib.training.quick.adam_probe` frames (clipping
+    """Medians over the finite steps of two :func:`~prot_lib.experiments.quick.adam_probe` frames (clipping
     off, on): how much smaller the gradient Adam receives and its sqrt(v) are with clipping
     (``grad``, ``sqrt_v``: off / on) and how the step size changes (``update``: on / off)."""
     def med(df, col):
@@ -240,7 +256,7 @@ class ClipExplorer(widgets.VBox):
             value=lr, base=10, min=math.log10(lr_range[0]), max=math.log10(lr_range[1]), step=0.25,
             description="learning rate", readout_format=".2g", continuous_update=False,
             style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
-        self.dataset = widgets.Dropdown(options=["ishigami", "dyconex"], value=dataset, description="dataset",
+        self.dataset = widgets.Dropdown(options=list(DATASETS), value=dataset, description="dataset",
                                         layout=widgets.Layout(width="220px"))
         self.status = widgets.HTML(value="")
         self.output = widgets.Output(layout=widgets.Layout(min_height="300px"))
@@ -281,18 +297,19 @@ class ClipExplorer(widgets.VBox):
         fig = Figure(figsize=(12, 4))
         axes = fig.subplots(1, 2)
         h = res.history
-        plot_clip_run(h, clip, axes=axes, title=(f"{self.dataset.value}, fold {self.fold}, "
-                                                 f"lr {self.lr_slider.value:.2g}: {describe_clip_run(h, clip)}"))
+        finding = describe_clip_run(res, clip)
+        plot_clip_run(res, clip, axes=axes, title=(f"{self.dataset.value}, fold {self.fold}, "
+                                                   f"lr {self.lr_slider.value:.2g}: {finding}"))
         png = figure_png(fig)
         self.last_result, self.last_png = res, png
         self.n_updates += 1
         self.output.outputs = ({
             "output_type": "display_data",
             "data": {"image/png": base64.b64encode(png).decode("ascii"),
-                     "text/plain": f"<loss and gradient norm, {describe_clip_run(h, clip)}>"},
+                     "text/plain": f"<loss and gradient norm, {finding}>"},
             "metadata": {},
         },)
-        self.status.value = (f"{describe_clip_run(h, clip)} &nbsp;·&nbsp; {len(h)} optimizer steps "
+        self.status.value = (f"{finding} &nbsp;·&nbsp; {len(h)} optimizer steps "
                              f"trained in {seconds:.1f} s")
         return res
 

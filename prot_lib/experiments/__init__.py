@@ -1,0 +1,40 @@
+"""Experiments: sweeps over configurations, run by one engine on every core or on a Dask cluster.
+
+Above ``training`` (which trains one k-fold run and says each fold's fate) and below ``viz``:
+
+- ``cells.py``: a :class:`Cell` (a config, its folds, ``max_steps``), the grid builder
+  :func:`grid_cells`, the clip-setting labels, and the rows a cell returns (:data:`ROW_COLUMNS`: each
+  fold's fate, read from the k-fold summary, plus a few history magnitudes);
+- ``engine.py``: :func:`run_cells`, the one engine: ``local`` (joblib/loky, one process per core, one
+  thread each) or ``dask`` (``dask_engine.py``: a LocalCluster or a running scheduler), each cell's
+  result written under ``out/cells/`` as it finishes, so an interrupted sweep resumes; a tqdm bar;
+- ``specs.py``: the sweep specs, YAML in ``prot_lib/configs/sweeps/``; ``sweeps.py``: :func:`run_sweep`,
+  what ``python -m prot_lib sweep NAME`` runs, and the analysis of each kind;
+- the book's sweeps as functions: ``fix_matrix.py`` (chapter 8), ``stability.py`` (the stability map of
+  chapters 8 and 9, chapter 3's clip sweep, and the tables reading them), ``seeds.py`` (seed rates);
+- ``quick.py``: one short training in this process (the clip explorer, chapter 3's Adam probe);
+- ``recommended.py``: the configuration chapter 8 recommends (``prot_lib/configs/recommended/``);
+- ``runtime.py``: how a worker is set up (one thread, Lightning quiet).
+"""
+from .cells import (CLIP_SETTINGS, ROW_COLUMNS, Cell, cell_config, clip_settings, fold_rows, grid_cells,
+                    setting_label, setting_overrides)
+from .engine import ENGINES, CellStore, run_cells
+from .fix_matrix import FIX_TABLE_COLUMNS, FixMatrix, fix_matrix, fix_table, subset_result
+from .quick import AdamStepRecorder, adam_probe, adam_toy_steps, quick_config, quick_train
+from .recommended import recommended_config, recommended_overrides, recommended_yaml
+from .runtime import quiet_lightning
+from .seeds import seed_rates, seed_sweep
+from .specs import SweepSpec, load_spec, spec_cells, sweep_names
+from .stability import (clip_sweep, clip_sweep_table, describe_stability, edge_table, needs_tuning_table,
+                        stability_edge, stability_map, stability_pivot, summarize_clip_map)
+from .sweeps import SweepResult, run_sweep
+
+__all__ = [
+    "CLIP_SETTINGS", "ROW_COLUMNS", "Cell", "cell_config", "clip_settings", "fold_rows", "grid_cells", "setting_label",
+    "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
+    "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",
+    "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates",
+    "seed_sweep", "SweepSpec", "load_spec", "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
+    "describe_stability", "edge_table", "needs_tuning_table", "stability_edge", "stability_map",
+    "stability_pivot", "summarize_clip_map", "SweepResult", "run_sweep",
+]
