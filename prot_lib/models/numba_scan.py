@@ -1,0 +1,575 @@
+r"""The S6 recurrence and its adjoint as compiled CPU kernels (numba): the default CPU scan.
+
+:func:`prot_lib.models.selective_scan.selective_scan` (and so :class:`prot_lib.models.Mamba`) runs
+:func:`numba_recurrence` when numba imports, else the pure-PyTorch chunked scan of
+:mod:`prot_lib.models.chunked_scan`; ``PROT_LIB_SCAN=torch`` forces the latter. This module only
+computes the recurrence on prepared float32 tensors (delta bias and softplus applied, no D skip, no
+gate): :mod:`prot_lib.models.selective_scan` wraps it in mamba-ssm's ``selective_scan_ref`` contract.
+
+The recurrence (Gu & Dao 2023, "Mamba", Algorithm 2 with eq. 2a and 4, as mamba-ssm's
+``selective_scan_ref`` computes it), per batch element b, channel d and state n:
+
+    h_t = exp(Delta_t A) * h_{t-1} + (Delta_t B_t) u_t,   h_0 = 0,     y_t = sum_n C_{t,n} h_{t,n}
+
+and its adjoint, derived in :mod:`prot_lib.models.chunked_scan` (G_t = dl/dh_t, P_t = dl/d(Delta_t A)):
+
+    G_t = C_t dl/dy_t + exp(Delta_{t+1} A) G_{t+1},    P_t = (G_t h_{t-1}) exp(Delta_t A)
+    dl/dDelta_t = sum_n A P_t + sum_n B_t (G_t u_t),   dl/du_t = sum_n G_t (Delta_t B_t)
+    dl/dA = sum_{b,t} Delta_t P_t,   dl/dB_t = sum_d Delta_t (G_t u_t),   dl/dC_t = sum_d dl/dy_t h_t
+
+Why compiled kernels (measured with benchmarks/bench_scan.py; numbers in benchmarks/README.md)
+------------------------------------------------------------------------------------------------
+Each state update is one exp, two multiplies and two multiply-adds: a few nanoseconds of work that
+no sequence of torch ops can do without writing every intermediate to memory. The chunked torch scan
+spends about three quarters of its time on copies and small ops. Here one loop nest does the update
+with the state in L1 cache, vectorised over channels (8 float32 lanes of AVX2), so the time is the
+cost of the exp and the multiply-adds themselves. Weighed and measured against:
+
+* torch's own exp (SLEEF) for a chunk of Delta A, with the kernel running only the multiply-adds:
+  torch's exp measured slower per element than the exp below, and the chunk of exp(Delta A) then
+  round-trips through memory.
+* a C++ extension (``torch.utils.cpp_extension``, ``at::vec`` exp): the same loop, but it needs a
+  compiler on the user's machine at run time; numba's wheels bring LLVM with them, so the install
+  stays ``pip install``.
+* a better vectorised PyTorch formulation: every closed form (cumulative products, log space)
+  divides by decays and breaks in float32 (see :mod:`.chunked_scan`); the exact streamed form is
+  what the chunked scan already is.
+
+The kernels
+-----------
+* forward: for each (batch element, block of channels), t = 1..L, n = 1..N, the update above over
+  the channel block (the innermost, vectorised loop); the state (N x block) stays in L1. With
+  autograd it saves the state entering each chunk of T steps (``chunk_size``, default 32).
+* backward: chunks last to first; per chunk, the forward is recomputed from the saved entry state
+  into two (T, N, block) buffers (exp(Delta A) and h), then the adjoint runs backwards through them.
+  Memory: the saved states, batch * d_inner * d_state * ceil(L / T) floats, plus per thread
+  2 * T * N * block floats (block <= 64 channels, so the buffers stay in L2); never a
+  (batch, d_inner, d_state, L) tensor.
+* exp: numba's ``math.exp`` on float32 is a scalar libm call that stops the loop from vectorising,
+  so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, a degree-7 polynomial
+  for exp(r) (the Cephes ``expf`` coefficients), and 2^k set in the exponent bits in two steps, so
+  that results in float32's subnormal range come out as torch's do. Measured against float64 exp
+  over [-120, 95]: at most 8e-8 relative error where the result is normal (torch's: 6e-8); the same
+  0 below -103.97, inf above 88.72, NaN for NaN (tests/test_scan_numba.py).
+
+Numerics: as the chunked scan
+-----------------------------
+Only decays exp(Delta A) in (0, 1] (for Delta >= 0, A <= 0) ever multiply the state or the adjoint;
+no division, no closed form. The elementwise products are formed in the reference's order
+(Delta B then times u; (G h) then times the decay), so where the reference overflows these kernels
+give the same inf and NaN. Sums are reordered (float32 round-off, about 1e-7 relative), and
+multiply-adds are fused (LLVM's ``contract``; never ``nnan``/``ninf``, which would let the compiler
+assume NaN and inf away): at the edge where a product lies just above float32's maximum and the
+addend brings it back below, the fused result is finite where the reference's separate multiply
+overflowed; where finite terms near 1e38 are summed, partial sums overflow in one order and not in
+another. The two reductions over channels (dl/dB, dl/dC) are compiled with ``reassoc`` so that they
+vectorise; they contain nothing but products and sums.
+
+Threads
+-------
+The kernels release the GIL; the batch (times channel blocks when the batch is smaller than the
+thread count) is split across ``torch.get_num_threads()`` threads of a small thread pool owned by
+this module, so ``torch.set_num_threads(1)`` (k-fold workers, sweeps) means one thread, and the
+default uses every core torch uses. numba's own ``parallel=True`` is not used: its threading
+layers are either not fork-safe (GNU OpenMP), not safe to call from several threads at once
+(workqueue; a Dask worker runs tasks in threads) or an extra package (TBB).
+
+Compilation
+-----------
+The kernels compile on first use (about 10-30 s, see :func:`compile_kernels`) and are cached on disk
+(``cache=True``: ``__pycache__`` beside this file, else numba's user cache directory, else
+``NUMBA_CACHE_DIR``); later processes load them in well under a second. Where no cache location is
+writable they are compiled once per process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from llvmlite import ir as llvm_ir
+    from numba import njit
+    from numba import types as nb_types
+    from numba.extending import intrinsic
+except (ImportError, OSError) as _err:  # numba is optional: selective_scan falls back to torch
+    numba = None
+    UNAVAILABLE_REASON: Optional[str] = f"{type(_err).__name__}: {_err}"
+else:
+    UNAVAILABLE_REASON = None
+
+Tensor = torch.Tensor
+
+#: True when numba imports and the compiled kernels can be used.
+AVAILABLE = numba is not None
+
+#: Steps per chunk T: the backward recomputes T steps at a time from the state saved at their start.
+DEFAULT_CHUNK_SIZE = 32
+#: Channels per work item at most: the backward's two (T, d_state, block) buffers then stay in L2.
+MAX_CHANNEL_BLOCK = 64
+
+# Constants of _expf, passed to the kernels as an array rather than frozen into the code: numba's
+# JIT addresses frozen constants through 64-bit absolute addresses, two instructions per use in the
+# innermost loop, whereas values read once at the start stay in registers or on the stack.
+#        lower clamp, upper clamp, log2(e), 1/2, ln2 (high part), ln2 (low part),
+#        Cephes expf polynomial p0..p5, 1
+_EXP_CONSTANTS = np.array([-104.0, 89.0, 1.44269504088896341, 0.5, 0.693359375, -2.12194440e-4,
+                           1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                           1.6666665459e-1, 5.0000001201e-1, 1.0], dtype=np.float32)
+
+
+# _COLUMNS_NOTE: channel loops run over unsigned indices. numba wraps negative indices around (as
+# Python does), so with a signed loop bound that LLVM cannot prove non-negative every index becomes a
+# select, and LLVM's vectoriser gives up on the loop ("unsafe indirect dependence"); unsigned
+# indices are never wrapped.
+
+
+def _jit(**options) -> Callable:
+    """``njit(nogil=True, cache=True, **options)``, without the disk cache where no cache location
+    is writable (numba raises RuntimeError at decoration time then)."""
+    def decorate(fn):
+        try:
+            return njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError:
+            return njit(nogil=True, cache=False, **options)(fn)
+    return decorate
+
+
+if AVAILABLE:
+    @intrinsic
+    def _scale_by_pow2(typingctx, p, k):
+        """p * 2**k for float32 p in [0.7, 1.5] and a float32 k holding an integer in [-151, 129]:
+        two multiplications by powers of two built in the exponent bits (k split in halves, each a
+        normal float), so that a subnormal result is rounded once, as a correctly rounded exp's is."""
+        sig = nb_types.float32(nb_types.float32, nb_types.float32)
+
+        def codegen(context, builder, signature, args):
+            i32 = llvm_ir.IntType(32)
+            k_int = builder.fptosi(args[1], i32)
+            k_lo = builder.ashr(k_int, llvm_ir.Constant(i32, 1))
+            k_hi = builder.sub(k_int, k_lo)
+
+            def pow2(e):  # the float whose exponent field is e + 127 and mantissa 0: 2**e
+                bits = builder.shl(builder.add(e, llvm_ir.Constant(i32, 127)), llvm_ir.Constant(i32, 23))
+                return builder.bitcast(bits, llvm_ir.FloatType())
+
+            return builder.fmul(builder.fmul(args[0], pow2(k_lo)), pow2(k_hi))
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _constants(c):
+        return (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12])
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a * b + c rounded once (LLVM's llvm.fma.f32; vfmadd on AVX2). The kernels are compiled
+        without fast-math 'contract', so this is the only fused multiply-add in them: inside the
+        exp, where no operand can overflow."""
+        sig = nb_types.float32(nb_types.float32, nb_types.float32, nb_types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _expf(x, c):
+        """exp(x) in float32 for any float32 x (NaN -> NaN, -inf -> 0, inf -> inf); branch-free so
+        that the channel loop vectorises. c = _constants(_EXP_CONSTANTS)."""
+        lo, hi, log2e, half, ln2_hi, ln2_lo, p0, p1, p2, p3, p4, p5, one = c
+        xc = min(max(x, lo), hi)  # below -104 exp is 0 in float32, above 89 inf: k stays small
+        k = np.floor(_fma(xc, log2e, half))  # x = k ln2 + r, |r| <= ln2 / 2
+        r = _fma(k, -ln2_hi, xc)  # Cody-Waite: ln2 in two parts, so that r is exact
+        r = _fma(k, -ln2_lo, r)
+        r2 = r * r
+        q = _fma(_fma(_fma(p0, r, p1), r2, _fma(p2, r, p3)), r2, _fma(p4, r, p5))  # Estrin
+        e = _scale_by_pow2(_fma(q, r2, r) + one, k)
+        return e if x == x else x  # NaN in, NaN out
+
+    @_jit()
+    def _exp_kernel(x, out, c_arr):
+        c = _constants(c_arr)
+        for i in range(x.shape[0]):
+            out[i] = _expf(x[i], c)
+
+    @_jit(fastmath={"reassoc"})
+    def _dot(a, b, lo, hi):
+        """sum_{lo <= i < hi} a[i] * b[i]; compiled with reassoc so that it vectorises."""
+        acc = np.float32(0.0)
+        for i in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no negative-index wraparound
+            acc += a[i] * b[i]
+        return acc
+
+    @_jit(fastmath={"reassoc"})
+    def _sum(a, lo, hi):
+        """sum_{lo <= i < hi} a[i]; compiled with reassoc so that it vectorises."""
+        acc = np.float32(0.0)
+        for i in range(np.uint64(lo), np.uint64(hi)):
+            acc += a[i]
+        return acc
+
+    @_jit()
+    def _forward_items(u, dl, At, Bm, Cm, y, last, starts, T, block, c_arr, lo, hi):
+        """Forward of work items lo..hi-1, item = b * n_blocks + j for channels [j*block, ...).
+
+        u, dl: (batch, L, d_inner) time-major; At: (d_state, d_inner) = A.T; Bm, Cm:
+        (batch, d_state, L); writes y (batch, L, d_inner), last (batch, d_state, d_inner) and, if
+        starts has chunks, starts[b, c] = state before step c * T, (batch, n_chunks, d_state, d_inner).
+        """
+        c = _constants(c_arr)
+        L = u.shape[1]
+        D = u.shape[2]
+        N = At.shape[0]
+        n_blocks = (D + block - 1) // block
+        save = starts.shape[1] > 0
+        h = np.empty((N, D), np.float32)  # only columns d0..d1 are used: indices stay d
+        for item in range(lo, hi):
+            b = item // n_blocks
+            d0 = (item % n_blocks) * block
+            d1 = min(D, d0 + block)
+            cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
+            for n in range(N):
+                for d in range(cols_lo, cols_hi):
+                    h[n, d] = 0.0
+            for t in range(L):
+                if save and t % T == 0:
+                    st = starts[b, t // T]
+                    for n in range(N):
+                        for d in range(cols_lo, cols_hi):
+                            st[n, d] = h[n, d]
+                dt_row = dl[b, t]
+                u_row = u[b, t]
+                y_row = y[b, t]
+                for d in range(cols_lo, cols_hi):
+                    y_row[d] = 0.0
+                for n in range(N):
+                    bn = Bm[b, n, t]
+                    cn = Cm[b, n, t]
+                    h_row = h[n]
+                    a_row = At[n]
+                    for d in range(cols_lo, cols_hi):
+                        dt = dt_row[d]
+                        hn = _expf(dt * a_row[d], c) * h_row[d] + (dt * bn) * u_row[d]
+                        h_row[d] = hn
+                        y_row[d] += cn * hn
+            for n in range(N):
+                for d in range(cols_lo, cols_hi):
+                    last[b, n, d] = h[n, d]
+
+    @_jit()
+    def _recompute_chunk(u, dl, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c):
+        """The forward over steps s..e-1, channels d0..d1-1, from the state in h_buf[0]:
+        a_buf[i] = exp(Delta A) and h_buf[i + 1] = h at step s + i, both (d_state, d_inner)."""
+        N = At.shape[0]
+        cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
+        for t in range(s, e):
+            i = t - s
+            dt_row = dl[b, t]
+            u_row = u[b, t]
+            for n in range(N):
+                bn = Bm[b, n, t]
+                a_row = At[n]
+                h_prev = h_buf[i, n]
+                h_next = h_buf[i + 1, n]
+                decay = a_buf[i, n]
+                for d in range(cols_lo, cols_hi):
+                    dt = dt_row[d]
+                    a = _expf(dt * a_row[d], c)
+                    decay[d] = a
+                    h_next[d] = a * h_prev[d] + (dt * bn) * u_row[d]
+
+    @_jit()
+    def _adjoint_chunk(u, dl, At, Bm, Cm, gy, gu, gdl, gA_b, gB_j, gC_j, a_buf, h_buf, carry, acc,
+                       b, d0, d1, s, e):
+        """The adjoint over steps e-1..s (see the module docstring), channels d0..d1-1. carry
+        (d_state, d_inner) holds exp(Delta_{t+1} A) G_{t+1} on entry and on exit; gA_b
+        (d_state, d_inner) accumulates dl/dA for this batch element; gB_j, gC_j (batch, d_state, L)
+        receive this channel block's part of dl/dB, dl/dC; acc is (4, d_inner) scratch."""
+        N = At.shape[0]
+        cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
+        g_dA = acc[0]  # sum_n A P          (this step's dl/dDelta, first term)
+        g_dB = acc[1]  # sum_n B (G u)      (second term)
+        g_u = acc[2]   # sum_n G (Delta B)
+        tmp = acc[3]   # Delta (G u), summed over channels into dl/dB
+        for t in range(e - 1, s - 1, -1):
+            i = t - s
+            dt_row = dl[b, t]
+            u_row = u[b, t]
+            gy_row = gy[b, t]
+            for d in range(cols_lo, cols_hi):
+                g_dA[d] = 0.0
+                g_dB[d] = 0.0
+                g_u[d] = 0.0
+            for n in range(N):
+                bn = Bm[b, n, t]
+                cn = Cm[b, n, t]
+                a_row = At[n]
+                gA_row = gA_b[n]
+                h_prev = h_buf[i, n]
+                decay = a_buf[i, n]
+                car = carry[n]
+                for d in range(cols_lo, cols_hi):
+                    dt = dt_row[d]
+                    G = cn * gy_row[d] + car[d]
+                    P = (G * h_prev[d]) * decay[d]
+                    g_dA[d] += a_row[d] * P
+                    gA_row[d] += dt * P
+                    Gu = G * u_row[d]
+                    g_dB[d] += bn * Gu
+                    g_u[d] += G * (dt * bn)
+                    tmp[d] = dt * Gu
+                    car[d] = decay[d] * G
+                gB_j[b, n, t] = _sum(tmp, d0, d1)
+                gC_j[b, n, t] = _dot(gy_row, h_buf[i + 1, n], d0, d1)
+            for d in range(cols_lo, cols_hi):
+                gdl[b, t, d] = g_dA[d] + g_dB[d]
+                gu[b, t, d] = g_u[d]
+
+    @_jit()
+    def _backward_items(u, dl, At, Bm, Cm, starts, gy, glast, gu, gdl, gA, gB, gC, T, block,
+                        c_arr, lo, hi):
+        """Backward of work items lo..hi-1 (numbered as in :func:`_forward_items`).
+
+        glast: (batch, d_state, d_inner) gradient of the last state; writes gu, gdl
+        (batch, L, d_inner), gA (batch, d_state, d_inner) per batch element, gB, gC
+        (n_blocks, batch, d_state, L) per channel block.
+        """
+        c = _constants(c_arr)
+        L = u.shape[1]
+        D = u.shape[2]
+        N = At.shape[0]
+        n_blocks = (D + block - 1) // block
+        n_chunks = starts.shape[1]
+        # full-width buffers of which only the item's columns d0..d1 are used (and so cached):
+        # indexing by the channel itself keeps every access in the channel loop the same simple
+        # pattern, which LLVM's vectoriser needs
+        a_buf = np.empty((T, N, D), np.float32)
+        h_buf = np.empty((T + 1, N, D), np.float32)
+        carry = np.empty((N, D), np.float32)
+        acc = np.empty((4, D), np.float32)
+        for item in range(lo, hi):
+            b = item // n_blocks
+            j = item % n_blocks
+            d0 = j * block
+            d1 = min(D, d0 + block)
+            cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
+            for n in range(N):
+                for d in range(cols_lo, cols_hi):
+                    carry[n, d] = glast[b, n, d]
+                    gA[b, n, d] = 0.0
+            for ci in range(n_chunks - 1, -1, -1):
+                s = ci * T
+                e = min(L, s + T)
+                for n in range(N):
+                    for d in range(cols_lo, cols_hi):
+                        h_buf[0, n, d] = starts[b, ci, n, d]
+                _recompute_chunk(u, dl, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c)
+                _adjoint_chunk(u, dl, At, Bm, Cm, gy, gu, gdl, gA[b], gB[j], gC[j], a_buf, h_buf,
+                               carry, acc, b, d0, d1, s, e)
+
+
+def exp_f32(x: Tensor) -> Tensor:
+    """exp computed by the kernels' own float32 exp (:func:`_expf`), elementwise; for tests and
+    benchmarks. x: any shape, float32 on the CPU. Returns a new float32 tensor of x's shape.
+
+    Raises:
+        RuntimeError: numba is not importable.
+        TypeError: x is not float32.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"numba cannot be imported ({UNAVAILABLE_REASON})")
+    if x.dtype != torch.float32:
+        raise TypeError(f"exp_f32 takes float32, got {x.dtype}")
+    flat = x.detach().reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    _exp_kernel(flat.numpy(), out.numpy(), _EXP_CONSTANTS)
+    return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- threads
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_KEY: Tuple[int, int] = (0, 0)  # (pid, max_workers) of _POOL
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The module's thread pool with at least ``workers`` threads, made anew in a forked child
+    (whose copy of the parent's pool has no threads)."""
+    global _POOL, _POOL_KEY
+    with _POOL_LOCK:
+        pid = os.getpid()
+        if _POOL is None or _POOL_KEY[0] != pid or _POOL_KEY[1] < workers:
+            size = max(workers, os.cpu_count() or 1)
+            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="prot_lib_scan")
+            _POOL_KEY = (pid, size)
+        return _POOL
+
+
+def _run_items(kernel: Callable, n_items: int, *args) -> None:
+    """kernel(*args, lo, hi) over items 0..n_items-1, split into contiguous ranges across
+    min(torch.get_num_threads(), n_items) threads (the calling thread runs the first)."""
+    workers = max(1, min(torch.get_num_threads(), n_items))
+    if workers == 1:
+        kernel(*args, 0, n_items)
+        return
+    bounds = [round(i * n_items / workers) for i in range(workers + 1)]
+    pool = _pool(workers - 1)
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, workers)]
+    try:
+        kernel(*args, bounds[0], bounds[1])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def channel_block(batch: int, d_inner: int, threads: Optional[int] = None) -> int:
+    """Channels per work item: at most :data:`MAX_CHANNEL_BLOCK`, a multiple of 8 (one AVX2
+    vector), and small enough that batch * blocks covers ``threads`` (default
+    torch.get_num_threads()) when the batch alone does not."""
+    threads = torch.get_num_threads() if threads is None else threads
+    n_blocks = -(-d_inner // MAX_CHANNEL_BLOCK)
+    while batch * n_blocks < threads and n_blocks * 8 < d_inner:
+        n_blocks += 1
+    block = -(-d_inner // n_blocks)
+    return min(d_inner, -(-block // 8) * 8)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _forward(ut: Tensor, dlt: Tensor, At: Tensor, Bc: Tensor, Cc: Tensor, T: int,
+             save: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    batch, L, D = ut.shape
+    N = At.shape[0]
+    block = channel_block(batch, D)
+    n_items = batch * (-(-D // block))
+    y = ut.new_empty((batch, L, D))
+    last = ut.new_empty((batch, N, D))
+    starts = ut.new_empty((batch, -(-L // T) if save else 0, N, D))
+    _run_items(_forward_items, n_items, _np(ut), _np(dlt), _np(At), _np(Bc), _np(Cc), _np(y),
+               _np(last), _np(starts), T, block, _EXP_CONSTANTS)
+    return y, last, starts
+
+
+class _NumbaScanFn(torch.autograd.Function):
+    """The recurrence on float32 tensors: ut, dlt (batch, L, d_inner) time-major; At (d_state,
+    d_inner); Bc, Cc (batch, d_state, L). Returns y (batch, L, d_inner) and the last state
+    (batch, d_state, d_inner). Single backward only."""
+
+    @staticmethod
+    def forward(ctx, ut, dlt, At, Bc, Cc, T):
+        y, last, starts = _forward(ut, dlt, At, Bc, Cc, T, save=True)
+        ctx.save_for_backward(ut, dlt, At, Bc, Cc, starts)
+        ctx.T = T
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, glast):
+        ut, dlt, At, Bc, Cc, starts = ctx.saved_tensors
+        batch, L, D = ut.shape
+        N = At.shape[0]
+        gy = ut.new_zeros((batch, L, D)) if gy is None else gy.contiguous()
+        glast = ut.new_zeros((batch, N, D)) if glast is None else glast.contiguous()
+        block = channel_block(batch, D)
+        n_blocks = -(-D // block)
+        gu = torch.empty_like(ut)
+        gdl = torch.empty_like(dlt)
+        gA = ut.new_empty((batch, N, D))
+        gB = ut.new_empty((n_blocks, batch, N, L))
+        gC = ut.new_empty((n_blocks, batch, N, L))
+        _run_items(_backward_items, batch * n_blocks, _np(ut), _np(dlt), _np(At), _np(Bc), _np(Cc),
+                   _np(starts), _np(gy), _np(glast), _np(gu), _np(gdl), _np(gA), _np(gB), _np(gC),
+                   ctx.T, block, _EXP_CONSTANTS)
+        return gu, gdl, gA.sum(0), gB.sum(0), gC.sum(0), None
+
+
+def numba_recurrence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The S6 recurrence with the compiled kernels; differentiable in every input.
+
+    Args:
+        u, delta: (batch, d_inner, L) float32, delta already biased and softplus'd (any strides;
+            a (batch, L, d_inner) memory layout, as :class:`~prot_lib.models.Mamba` makes, is used
+            without a copy).
+        A: (d_inner, d_state) float32.
+        B, C: (batch, d_state, L) float32.
+        chunk_size: steps T between saved states (memory ~ L / T states; default 32).
+
+    Returns:
+        y: (batch, d_inner, L) float32 with y_t = C_t . h_t (a view of a time-major tensor);
+        last_state: (batch, d_inner, d_state) float32.
+
+    Raises:
+        RuntimeError: numba is not importable (:data:`UNAVAILABLE_REASON` says why).
+        ValueError: ``chunk_size`` < 1.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"the numba scan needs numba, which cannot be imported ({UNAVAILABLE_REASON})")
+    T = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    if T < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ut = u.transpose(1, 2).contiguous()  # (batch, L, d_inner): channels innermost, vectorised
+    dlt = delta.transpose(1, 2).contiguous()
+    At = A.t().contiguous()
+    Bc, Cc = B.contiguous(), C.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (ut, dlt, At, Bc, Cc)):
+        y, last = _NumbaScanFn.apply(ut, dlt, At, Bc, Cc, T)
+    else:  # inference: no states to save
+        y, last, _ = _forward(ut, dlt, At, Bc, Cc, T, save=False)
+    return y.transpose(1, 2), last.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- compilation
+
+_COMPILE_INFO: Dict[str, object] = {}
+
+
+def compile_kernels() -> Dict[str, object]:
+    """Compile (or load from the disk cache) both kernels now, by running them once on tiny inputs.
+
+    Returns:
+        {"seconds": wall time of this first call, "cache_hits": entry kernels (forward, backward)
+        loaded from the disk cache, "cache_misses": entry kernels compiled, "cache_dir": where the
+        cache lives (None without one)};
+        the same dict on later calls (nothing is compiled twice in a process).
+
+    Raises:
+        RuntimeError: numba is not importable.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"numba cannot be imported ({UNAVAILABLE_REASON})")
+    if _COMPILE_INFO:
+        return dict(_COMPILE_INFO)
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    # batch 1, d_inner 2, d_state 2, L 8: u, delta, A, B, C
+    args = [torch.rand(1, 2, 8, generator=g), torch.rand(1, 2, 8, generator=g),
+            -torch.rand(2, 2, generator=g), torch.rand(1, 2, 8, generator=g),
+            torch.rand(1, 2, 8, generator=g)]
+    leaves = [t.requires_grad_(True) for t in args]
+    with torch.enable_grad():
+        y, last = numba_recurrence(*leaves)
+        torch.autograd.grad(y.sum() + last.sum(), leaves)
+    # the kernels called from Python (the others are compiled into them and cached with them)
+    stats = [k.stats for k in (_forward_items, _backward_items)]
+    cache_dir = next((s.cache_path for s in stats if s.cache_path), None)
+    _COMPILE_INFO.update({
+        "seconds": time.perf_counter() - t0,
+        "cache_hits": sum(sum(s.cache_hits.values()) for s in stats),
+        "cache_misses": sum(sum(s.cache_misses.values()) for s in stats),
+        "cache_dir": cache_dir,
+    })
+    return dict(_COMPILE_INFO)
