@@ -84,7 +84,7 @@ def _scan_in_child(queue):
     g = torch.Generator().manual_seed(0)
     u, delta = torch.randn(4, 16, 20, generator=g), torch.rand(4, 16, 20, generator=g)
     A, B, C = -torch.rand(16, 4, generator=g), torch.randn(4, 4, 20, generator=g), torch.randn(4, 4, 20, generator=g)
-    y, last = numba_scan.numba_recurrence(u, delta, A, B, C)
+    y, last = numba_scan.numba_scan(u, delta, A, B, C)
     queue.put(float(y.sum()))
 
 

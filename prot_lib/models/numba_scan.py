@@ -1,7 +1,7 @@
 r"""The S6 recurrence and its adjoint as compiled CPU kernels (numba): the default CPU scan.
 
 :func:`prot_lib.models.selective_scan.selective_scan` (and so :class:`prot_lib.models.Mamba`) runs
-:func:`numba_recurrence` when numba imports, else the pure-PyTorch chunked scan of
+:func:`numba_scan` when numba imports, else the pure-PyTorch chunked scan of
 :mod:`prot_lib.models.chunked_scan`; ``PROT_LIB_SCAN=torch`` forces the latter. This module only
 computes the recurrence on prepared float32 tensors (delta bias and softplus applied, no D skip, no
 gate): :mod:`prot_lib.models.selective_scan` wraps it in mamba-ssm's ``selective_scan_ref`` contract.
@@ -131,13 +131,17 @@ _EXP_CONSTANTS = np.array([-104.0, 89.0, 1.44269504088896341, 0.5, 0.693359375, 
 
 
 def _jit(**options) -> Callable:
-    """``njit(nogil=True, cache=True, **options)``, without the disk cache where no cache location
-    is writable (numba raises RuntimeError at decoration time then)."""
+    """``njit(nogil=True, cache=True, error_model="numpy", **options)``, without the disk cache
+    where no cache location is writable (numba raises RuntimeError at decoration time then).
+
+    error_model="numpy": a float division by zero gives inf or NaN as IEEE 754 (and torch) say,
+    instead of Python's ZeroDivisionError, whose check is an exit from the loop that stops it from
+    vectorising."""
     def decorate(fn):
         try:
-            return njit(nogil=True, cache=True, **options)(fn)
+            return njit(nogil=True, cache=True, error_model="numpy", **options)(fn)
         except RuntimeError:
-            return njit(nogil=True, cache=False, **options)(fn)
+            return njit(nogil=True, cache=False, error_model="numpy", **options)(fn)
     return decorate
 
 
@@ -193,6 +197,61 @@ if AVAILABLE:
         e = _scale_by_pow2(_fma(q, r2, r) + one, k)
         return e if x == x else x  # NaN in, NaN out
 
+    @intrinsic
+    def _frexp(typingctx, x):
+        """(m, k) with x = m * 2**k, m in [0.5, 1), for a normal float32 x > 0 (read from the bits)."""
+        sig = nb_types.UniTuple(nb_types.float32, 2)(nb_types.float32)
+
+        def codegen(context, builder, signature, args):
+            i32 = llvm_ir.IntType(32)
+            bits = builder.bitcast(args[0], i32)
+            k = builder.sub(builder.lshr(bits, llvm_ir.Constant(i32, 23)), llvm_ir.Constant(i32, 126))
+            m_bits = builder.or_(builder.and_(bits, llvm_ir.Constant(i32, 0x007FFFFF)),
+                                 llvm_ir.Constant(i32, 0x3F000000))
+            m = builder.bitcast(m_bits, llvm_ir.FloatType())
+            kf = builder.sitofp(k, llvm_ir.FloatType())
+            return context.make_tuple(builder, signature.return_type, [m, kf])
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _logf(x):
+        """log(x) for float32 x >= 1 (finite): Cephes ``logf``'s range reduction and polynomial."""
+        m, k = _frexp(x)
+        small = m < np.float32(0.70710678118654752440)
+        k = k - np.float32(1.0) if small else k
+        f = (m + m - np.float32(1.0)) if small else (m - np.float32(1.0))
+        z = f * f
+        y = _fma(np.float32(7.0376836292e-2), f, np.float32(-1.1514610310e-1))
+        y = _fma(y, f, np.float32(1.1676998740e-1))
+        y = _fma(y, f, np.float32(-1.2420140846e-1))
+        y = _fma(y, f, np.float32(1.4249322787e-1))
+        y = _fma(y, f, np.float32(-1.6668057665e-1))
+        y = _fma(y, f, np.float32(2.0000714765e-1))
+        y = _fma(y, f, np.float32(-2.4999993993e-1))
+        y = _fma(y, f, np.float32(3.3333331174e-1))
+        y = y * f * z
+        y = _fma(k, np.float32(-2.12194440e-4), y)
+        y = _fma(np.float32(-0.5), z, y)
+        return _fma(k, np.float32(0.693359375), f + y)
+
+    @njit(inline="always")
+    def _softplus(x, c):
+        """torch's softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)), with log1p(e) as
+        log(1 + e) * e / ((1 + e) - 1) (exact where 1 + e rounds; e itself where it rounds to 1)."""
+        e = _expf(x, c)
+        u1 = e + np.float32(1.0)
+        lg = _logf(min(u1, np.float32(3.0e38)))  # the clamp only guards the unused branch (x > 20)
+        lp = e if u1 == np.float32(1.0) else lg * (e / (u1 - np.float32(1.0)))
+        r = x if x > np.float32(20.0) else lp
+        return r if x == x else x
+
+    @njit(inline="always")
+    def _softplus_grad(g, x, c):
+        """torch's softplus_backward (beta 1, threshold 20): x > 20 ? g : g * e / (e + 1), e = exp(x)."""
+        e = _expf(x, c)
+        return g if x > np.float32(20.0) else g * e / (e + np.float32(1.0))
+
     @_jit()
     def _exp_kernel(x, out, c_arr):
         c = _constants(c_arr)
@@ -216,20 +275,26 @@ if AVAILABLE:
         return acc
 
     @_jit()
-    def _forward_items(u, dl, At, Bm, Cm, y, last, starts, T, block, c_arr, lo, hi):
+    def _forward_items(u, dl, At, Bm, Cm, Dv, bias, z, out, dt_save, v_save, last, starts, softplus,
+                       has_D, has_bias, has_z, save, T, block, c_arr, lo, hi):
         """Forward of work items lo..hi-1, item = b * n_blocks + j for channels [j*block, ...).
 
-        u, dl: (batch, L, d_inner) time-major; At: (d_state, d_inner) = A.T; Bm, Cm:
-        (batch, d_state, L); writes y (batch, L, d_inner), last (batch, d_state, d_inner) and, if
-        starts has chunks, starts[b, c] = state before step c * T, (batch, n_chunks, d_state, d_inner).
+        u, dl (raw delta), z: (batch, L, d_inner) time-major; At: (d_state, d_inner) = A.T;
+        Bm, Cm: (batch, d_state, L); Dv, bias: (d_inner,) (bias zeros without one). Writes out (batch, L, d_inner), last
+        (batch, d_state, d_inner) and, with ``save``, dt_save (batch, L, d_inner) = delta after bias
+        and softplus, v_save (batch, L, d_inner) = y + D u before the gate (if has_z), and
+        starts[b, c] = the state before step c * T, (batch, n_chunks, d_state, d_inner). The flags
+        are 0/1; arrays that a flag switches off are not read.
         """
         c = _constants(c_arr)
+        one = np.float32(1.0)
         L = u.shape[1]
         D = u.shape[2]
         N = At.shape[0]
         n_blocks = (D + block - 1) // block
-        save = starts.shape[1] > 0
         h = np.empty((N, D), np.float32)  # only columns d0..d1 are used: indices stay d
+        dt_row = np.empty(D, np.float32)
+        y_row = np.empty(D, np.float32)
         for item in range(lo, hi):
             b = item // n_blocks
             d0 = (item % n_blocks) * block
@@ -244,11 +309,22 @@ if AVAILABLE:
                     for n in range(N):
                         for d in range(cols_lo, cols_hi):
                             st[n, d] = h[n, d]
-                dt_row = dl[b, t]
+                raw = dl[b, t]
                 u_row = u[b, t]
-                y_row = y[b, t]
+                # the contract's delta: + bias (zeros without one: x + 0 is x, but for -0.0 -> 0.0),
+                # then softplus. Flags are tested outside the channel loops: a branch inside one
+                # would stop it from vectorising.
+                if softplus:
+                    for d in range(cols_lo, cols_hi):
+                        dt_row[d] = _softplus(raw[d] + bias[d], c)
+                else:
+                    for d in range(cols_lo, cols_hi):
+                        dt_row[d] = raw[d] + bias[d]
                 for d in range(cols_lo, cols_hi):
                     y_row[d] = 0.0
+                if save:
+                    for d in range(cols_lo, cols_hi):
+                        dt_save[b, t, d] = dt_row[d]
                 for n in range(N):
                     bn = Bm[b, n, t]
                     cn = Cm[b, n, t]
@@ -259,19 +335,35 @@ if AVAILABLE:
                         hn = _expf(dt * a_row[d], c) * h_row[d] + (dt * bn) * u_row[d]
                         h_row[d] = hn
                         y_row[d] += cn * hn
+                # the contract's output: + D u, then times silu(z) (as torch writes silu)
+                if has_D:
+                    for d in range(cols_lo, cols_hi):
+                        y_row[d] = y_row[d] + u_row[d] * Dv[d]
+                if has_z:
+                    if save:
+                        for d in range(cols_lo, cols_hi):
+                            v_save[b, t, d] = y_row[d]
+                    z_row = z[b, t]
+                    out_row = out[b, t]
+                    for d in range(cols_lo, cols_hi):
+                        zz = z_row[d]
+                        out_row[d] = y_row[d] * (zz / (one + _expf(-zz, c)))
+                else:
+                    for d in range(cols_lo, cols_hi):
+                        out[b, t, d] = y_row[d]
             for n in range(N):
                 for d in range(cols_lo, cols_hi):
                     last[b, n, d] = h[n, d]
 
     @_jit()
-    def _recompute_chunk(u, dl, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c):
+    def _recompute_chunk(u, dt_all, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c):
         """The forward over steps s..e-1, channels d0..d1-1, from the state in h_buf[0]:
         a_buf[i] = exp(Delta A) and h_buf[i + 1] = h at step s + i, both (d_state, d_inner)."""
         N = At.shape[0]
         cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
         for t in range(s, e):
             i = t - s
-            dt_row = dl[b, t]
+            dt_row = dt_all[b, t]
             u_row = u[b, t]
             for n in range(N):
                 bn = Bm[b, n, t]
@@ -286,23 +378,41 @@ if AVAILABLE:
                     h_next[d] = a * h_prev[d] + (dt * bn) * u_row[d]
 
     @_jit()
-    def _adjoint_chunk(u, dl, At, Bm, Cm, gy, gu, gdl, gA_b, gB_j, gC_j, a_buf, h_buf, carry, acc,
-                       b, d0, d1, s, e):
-        """The adjoint over steps e-1..s (see the module docstring), channels d0..d1-1. carry
-        (d_state, d_inner) holds exp(Delta_{t+1} A) G_{t+1} on entry and on exit; gA_b
-        (d_state, d_inner) accumulates dl/dA for this batch element; gB_j, gC_j (batch, d_state, L)
-        receive this channel block's part of dl/dB, dl/dC; acc is (4, d_inner) scratch."""
+    def _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, g_out, gu, gdl, gz, gA_b,
+                       gB_j, gC_j, gD_b, gbias_b, a_buf, h_buf, carry, acc, softplus, has_D,
+                       has_bias, has_z, b, d0, d1, s, e, c):
+        """The adjoint over steps e-1..s (see the module docstring), channels d0..d1-1, with the
+        contract's gate, D skip, bias and softplus differentiated around it as torch's autograd
+        does. carry (d_state, d_inner) holds exp(Delta_{t+1} A) G_{t+1} on entry and on exit;
+        gA_b (d_state, d_inner), gD_b and gbias_b (d_inner,) accumulate this batch element's
+        part; gB_j, gC_j (batch, d_state, L) receive this channel block's part of dl/dB, dl/dC;
+        acc is (5, d_inner) scratch."""
+        one = np.float32(1.0)
         N = At.shape[0]
         cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
         g_dA = acc[0]  # sum_n A P          (this step's dl/dDelta, first term)
         g_dB = acc[1]  # sum_n B (G u)      (second term)
         g_u = acc[2]   # sum_n G (Delta B)
         tmp = acc[3]   # Delta (G u), summed over channels into dl/dB
+        gy = acc[4]    # dl/dy: the output's gradient through the gate
         for t in range(e - 1, s - 1, -1):
             i = t - s
-            dt_row = dl[b, t]
+            dt_row = dt_all[b, t]
             u_row = u[b, t]
-            gy_row = gy[b, t]
+            go_row = g_out[b, t]
+            if has_z:  # out = v * silu(z): torch's mul and silu_backward
+                z_row = z[b, t]
+                v_row = v_save[b, t]
+                gz_row = gz[b, t]
+                for d in range(cols_lo, cols_hi):
+                    zz = z_row[d]
+                    ez = _expf(-zz, c)
+                    sig = one / (one + ez)
+                    gz_row[d] = (go_row[d] * v_row[d]) * sig * (one + zz * (one - sig))
+                    gy[d] = go_row[d] * (zz / (one + ez))
+            else:
+                for d in range(cols_lo, cols_hi):
+                    gy[d] = go_row[d]
             for d in range(cols_lo, cols_hi):
                 g_dA[d] = 0.0
                 g_dB[d] = 0.0
@@ -317,7 +427,7 @@ if AVAILABLE:
                 car = carry[n]
                 for d in range(cols_lo, cols_hi):
                     dt = dt_row[d]
-                    G = cn * gy_row[d] + car[d]
+                    G = cn * gy[d] + car[d]
                     P = (G * h_prev[d]) * decay[d]
                     g_dA[d] += a_row[d] * P
                     gA_row[d] += dt * P
@@ -327,19 +437,37 @@ if AVAILABLE:
                     tmp[d] = dt * Gu
                     car[d] = decay[d] * G
                 gB_j[b, n, t] = _sum(tmp, d0, d1)
-                gC_j[b, n, t] = _dot(gy_row, h_buf[i + 1, n], d0, d1)
-            for d in range(cols_lo, cols_hi):
-                gdl[b, t, d] = g_dA[d] + g_dB[d]
-                gu[b, t, d] = g_u[d]
+                gC_j[b, n, t] = _dot(gy, h_buf[i + 1, n], d0, d1)
+            raw = dl[b, t]
+            gdl_row = gdl[b, t]
+            gu_row = gu[b, t]
+            if softplus:  # torch's softplus_backward at delta + bias
+                for d in range(cols_lo, cols_hi):
+                    gdl_row[d] = _softplus_grad(g_dA[d] + g_dB[d], raw[d] + bias[d], c)
+            else:
+                for d in range(cols_lo, cols_hi):
+                    gdl_row[d] = g_dA[d] + g_dB[d]
+            if has_bias:
+                for d in range(cols_lo, cols_hi):
+                    gbias_b[d] += gdl_row[d]
+            if has_D:  # v = y + u * D
+                for d in range(cols_lo, cols_hi):
+                    gu_row[d] = g_u[d] + gy[d] * Dv[d]
+                    gD_b[d] += gy[d] * u_row[d]
+            else:
+                for d in range(cols_lo, cols_hi):
+                    gu_row[d] = g_u[d]
 
     @_jit()
-    def _backward_items(u, dl, At, Bm, Cm, starts, gy, glast, gu, gdl, gA, gB, gC, T, block,
+    def _backward_items(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, starts, g_out, glast, gu,
+                        gdl, gz, gA, gB, gC, gD, gbias, softplus, has_D, has_bias, has_z, T, block,
                         c_arr, lo, hi):
         """Backward of work items lo..hi-1 (numbered as in :func:`_forward_items`).
 
-        glast: (batch, d_state, d_inner) gradient of the last state; writes gu, gdl
-        (batch, L, d_inner), gA (batch, d_state, d_inner) per batch element, gB, gC
-        (n_blocks, batch, d_state, L) per channel block.
+        g_out (batch, L, d_inner), glast (batch, d_state, d_inner): the gradients of the outputs;
+        writes gu, gdl (raw delta), gz (if has_z): (batch, L, d_inner); gA: (batch, d_state,
+        d_inner), gD, gbias: (batch, d_inner) per batch element; gB, gC: (n_blocks, batch,
+        d_state, L) per channel block.
         """
         c = _constants(c_arr)
         L = u.shape[1]
@@ -353,13 +481,16 @@ if AVAILABLE:
         a_buf = np.empty((T, N, D), np.float32)
         h_buf = np.empty((T + 1, N, D), np.float32)
         carry = np.empty((N, D), np.float32)
-        acc = np.empty((4, D), np.float32)
+        acc = np.empty((5, D), np.float32)
         for item in range(lo, hi):
             b = item // n_blocks
             j = item % n_blocks
             d0 = j * block
             d1 = min(D, d0 + block)
             cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
+            for d in range(cols_lo, cols_hi):
+                gD[b, d] = 0.0
+                gbias[b, d] = 0.0
             for n in range(N):
                 for d in range(cols_lo, cols_hi):
                     carry[n, d] = glast[b, n, d]
@@ -370,9 +501,10 @@ if AVAILABLE:
                 for n in range(N):
                     for d in range(cols_lo, cols_hi):
                         h_buf[0, n, d] = starts[b, ci, n, d]
-                _recompute_chunk(u, dl, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c)
-                _adjoint_chunk(u, dl, At, Bm, Cm, gy, gu, gdl, gA[b], gB[j], gC[j], a_buf, h_buf,
-                               carry, acc, b, d0, d1, s, e)
+                _recompute_chunk(u, dt_all, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c)
+                _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, g_out, gu, gdl, gz,
+                               gA[b], gB[j], gC[j], gD[b], gbias[b], a_buf, h_buf, carry, acc,
+                               softplus, has_D, has_bias, has_z, b, d0, d1, s, e, c)
 
 
 def exp_f32(x: Tensor) -> Tensor:
@@ -448,68 +580,91 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _forward(ut: Tensor, dlt: Tensor, At: Tensor, Bc: Tensor, Cc: Tensor, T: int,
-             save: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    batch, L, D = ut.shape
-    N = At.shape[0]
-    block = channel_block(batch, D)
-    n_items = batch * (-(-D // block))
-    y = ut.new_empty((batch, L, D))
-    last = ut.new_empty((batch, N, D))
-    starts = ut.new_empty((batch, -(-L // T) if save else 0, N, D))
-    _run_items(_forward_items, n_items, _np(ut), _np(dlt), _np(At), _np(Bc), _np(Cc), _np(y),
-               _np(last), _np(starts), T, block, _EXP_CONSTANTS)
-    return y, last, starts
+def _time_major(t: Tensor) -> Tensor:
+    """(batch, d_inner, L) -> contiguous (batch, L, d_inner); no copy where the memory already is."""
+    return t.transpose(1, 2).contiguous()
 
 
 class _NumbaScanFn(torch.autograd.Function):
-    """The recurrence on float32 tensors: ut, dlt (batch, L, d_inner) time-major; At (d_state,
-    d_inner); Bc, Cc (batch, d_state, L). Returns y (batch, L, d_inner) and the last state
-    (batch, d_state, d_inner). Single backward only."""
+    """The whole contract on float32 CPU tensors: u, delta, z (batch, d_inner, L); A (d_inner,
+    d_state); B, C (batch, d_state, L); D, delta_bias (d_inner,) or None. Returns out
+    (batch, d_inner, L) (a view of a time-major tensor) and the last state (batch, d_inner,
+    d_state). Single backward only."""
 
     @staticmethod
-    def forward(ctx, ut, dlt, At, Bc, Cc, T):
-        y, last, starts = _forward(ut, dlt, At, Bc, Cc, T, save=True)
-        ctx.save_for_backward(ut, dlt, At, Bc, Cc, starts)
-        ctx.T = T
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, T):
+        save = any(ctx.needs_input_grad)
+        ut, dl = _time_major(u), _time_major(delta)
+        batch, L, d_inner = ut.shape
+        d_state = A.shape[1]
+        At, Bc, Cc = A.t().contiguous(), B.contiguous(), C.contiguous()
+        dummy = ut.new_zeros((1, 1, 1))
+        Dv = D.contiguous() if D is not None else ut.new_zeros(1)
+        bias = delta_bias.contiguous() if delta_bias is not None else ut.new_zeros(d_inner)
+        zt = _time_major(z) if z is not None else dummy
+        out = ut.new_empty((batch, L, d_inner))
+        last = ut.new_empty((batch, d_state, d_inner))
+        starts = ut.new_empty((batch, -(-L // T) if save else 0, d_state, d_inner))
+        dt_save = ut.new_empty((batch, L, d_inner)) if save else dummy
+        v_save = ut.new_empty((batch, L, d_inner)) if save and z is not None else dummy
+        flags = (int(softplus), int(D is not None), int(delta_bias is not None), int(z is not None))
+        block = channel_block(batch, d_inner)
+        _run_items(_forward_items, batch * (-(-d_inner // block)), _np(ut), _np(dl), _np(At), _np(Bc),
+                   _np(Cc), _np(Dv), _np(bias), _np(zt), _np(out), _np(dt_save), _np(v_save), _np(last),
+                   _np(starts), *flags, int(save), T, block, _EXP_CONSTANTS)
+        if save:
+            ctx.save_for_backward(ut, dt_save, dl, At, Bc, Cc, Dv, bias, zt, v_save, starts)
+            ctx.flags, ctx.T = flags, T
         ctx.set_materialize_grads(False)
-        return y, last
+        return out.transpose(1, 2), last.transpose(1, 2).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, glast):
-        ut, dlt, At, Bc, Cc, starts = ctx.saved_tensors
-        batch, L, D = ut.shape
-        N = At.shape[0]
-        gy = ut.new_zeros((batch, L, D)) if gy is None else gy.contiguous()
-        glast = ut.new_zeros((batch, N, D)) if glast is None else glast.contiguous()
-        block = channel_block(batch, D)
-        n_blocks = -(-D // block)
-        gu = torch.empty_like(ut)
-        gdl = torch.empty_like(dlt)
-        gA = ut.new_empty((batch, N, D))
-        gB = ut.new_empty((n_blocks, batch, N, L))
-        gC = ut.new_empty((n_blocks, batch, N, L))
-        _run_items(_backward_items, batch * n_blocks, _np(ut), _np(dlt), _np(At), _np(Bc), _np(Cc),
-                   _np(starts), _np(gy), _np(glast), _np(gu), _np(gdl), _np(gA), _np(gB), _np(gC),
-                   ctx.T, block, _EXP_CONSTANTS)
-        return gu, gdl, gA.sum(0), gB.sum(0), gC.sum(0), None
+    def backward(ctx, g_out, g_last):
+        ut, dt_save, dl, At, Bc, Cc, Dv, bias, zt, v_save, starts = ctx.saved_tensors
+        softplus, has_D, has_bias, has_z = ctx.flags
+        batch, L, d_inner = ut.shape
+        d_state = At.shape[0]
+        g_out = ut.new_zeros((batch, L, d_inner)) if g_out is None else _time_major(g_out)
+        g_last = ut.new_zeros((batch, d_state, d_inner)) if g_last is None else _time_major(g_last)
+        block = channel_block(batch, d_inner)
+        n_blocks = -(-d_inner // block)
+        gu, gdl = torch.empty_like(ut), torch.empty_like(ut)
+        gz = torch.empty_like(ut) if has_z else ut.new_zeros((1, 1, 1))
+        gA = ut.new_empty((batch, d_state, d_inner))
+        gB = ut.new_empty((n_blocks, batch, d_state, L))
+        gC = ut.new_empty((n_blocks, batch, d_state, L))
+        gD = ut.new_empty((batch, d_inner))
+        gbias = ut.new_empty((batch, d_inner))
+        _run_items(_backward_items, batch * n_blocks, _np(ut), _np(dt_save), _np(dl), _np(At), _np(Bc),
+                   _np(Cc), _np(Dv), _np(bias), _np(zt), _np(v_save), _np(starts), _np(g_out),
+                   _np(g_last), _np(gu), _np(gdl), _np(gz), _np(gA), _np(gB), _np(gC), _np(gD),
+                   _np(gbias), softplus, has_D, has_bias, has_z, ctx.T, block, _EXP_CONSTANTS)
+        return (gu.transpose(1, 2), gdl.transpose(1, 2), gA.sum(0).t(), gB.sum(0), gC.sum(0),
+                gD.sum(0) if has_D else None, gz.transpose(1, 2) if has_z else None,
+                gbias.sum(0) if has_bias else None, None, None)
 
 
-def numba_recurrence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                     chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """The S6 recurrence with the compiled kernels; differentiable in every input.
+def numba_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+               z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+               delta_softplus: bool = False, chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """mamba-ssm's ``selective_scan_ref`` on float32 CPU tensors, every step in the compiled
+    kernels: delta + delta_bias, softplus, the recurrence, + D u, * silu(z); differentiable in
+    every tensor argument.
 
     Args:
-        u, delta: (batch, d_inner, L) float32, delta already biased and softplus'd (any strides;
-            a (batch, L, d_inner) memory layout, as :class:`~prot_lib.models.Mamba` makes, is used
-            without a copy).
+        u, delta: (batch, d_inner, L) float32 (any strides; the (batch, L, d_inner) memory layout
+            that :class:`~prot_lib.models.Mamba` makes is read without a copy).
         A: (d_inner, d_state) float32.
         B, C: (batch, d_state, L) float32.
-        chunk_size: steps T between saved states (memory ~ L / T states; default 32).
+        D, delta_bias: (d_inner,) float32, optional.
+        z: (batch, d_inner, L) float32, optional: the output is multiplied by silu(z).
+        delta_softplus: apply torch's softplus (threshold 20) to delta + delta_bias.
+        chunk_size: steps T between the states saved for the backward (memory ~ L / T states;
+            default 32).
 
     Returns:
-        y: (batch, d_inner, L) float32 with y_t = C_t . h_t (a view of a time-major tensor);
+        out: (batch, d_inner, L) float32 (a view of a (batch, L, d_inner) tensor);
         last_state: (batch, d_inner, d_state) float32.
 
     Raises:
@@ -521,15 +676,7 @@ def numba_recurrence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     T = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if T < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ut = u.transpose(1, 2).contiguous()  # (batch, L, d_inner): channels innermost, vectorised
-    dlt = delta.transpose(1, 2).contiguous()
-    At = A.t().contiguous()
-    Bc, Cc = B.contiguous(), C.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (ut, dlt, At, Bc, Cc)):
-        y, last = _NumbaScanFn.apply(ut, dlt, At, Bc, Cc, T)
-    else:  # inference: no states to save
-        y, last, _ = _forward(ut, dlt, At, Bc, Cc, T, save=False)
-    return y.transpose(1, 2), last.transpose(1, 2).contiguous()
+    return _NumbaScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), T)
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -560,9 +707,13 @@ def compile_kernels() -> Dict[str, object]:
             -torch.rand(2, 2, generator=g), torch.rand(1, 2, 8, generator=g),
             torch.rand(1, 2, 8, generator=g)]
     leaves = [t.requires_grad_(True) for t in args]
+    extra = [torch.rand(2, generator=g).requires_grad_(True), torch.rand(1, 2, 8, generator=g).requires_grad_(True),
+             torch.rand(2, generator=g).requires_grad_(True)]  # D, z, delta_bias
     with torch.enable_grad():
-        y, last = numba_recurrence(*leaves)
-        torch.autograd.grad(y.sum() + last.sum(), leaves)
+        y, last = numba_scan(*leaves, *extra, delta_softplus=True)
+        torch.autograd.grad(y.sum() + last.sum(), leaves + extra)
+    with torch.no_grad():
+        numba_scan(*args)  # the same kernels without saving
     # the kernels called from Python (the others are compiled into them and cached with them)
     stats = [k.stats for k in (_forward_items, _backward_items)]
     cache_dir = next((s.cache_path for s in stats if s.cache_path), None)

@@ -237,8 +237,18 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if u.device.type != "cpu":
         raise RuntimeError(f"selective_scan_numba runs on CPU tensors only, got device {u.device}")
-    return _with_contract(lambda *a: numba_scan.numba_recurrence(*a, chunk_size=chunk_size), u,
-                          delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if B.dim() != 3 or C.dim() != 3:
+        return selective_scan_unbind(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus,
+                                     return_last_state=return_last_state)
+    dtype_in = u.dtype
+    f32 = [None if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    # the kernels do the contract's ops too (bias, softplus, D skip, gate), in _prepare's and
+    # _finish's order, so that no (batch, d_inner, L) intermediate goes through memory
+    out, last = numba_scan.numba_scan(*f32, delta_softplus=delta_softplus, chunk_size=chunk_size)
+    out = out.to(dtype=dtype_in)
+    return (out, last) if return_last_state else out
 
 
 def scan_backend(device: Union[str, torch.device] = "cpu") -> str:
