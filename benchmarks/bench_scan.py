@@ -21,11 +21,12 @@ Cells: (batch, d_inner, d_state, L) = (16, 64, 16, 512), the issue's target cell
 (50, 200, 16, 1023), the write-up's shape (batch 50, d_model 100 -> d_inner 200, L 1023); modes
 "fwd" (under torch.no_grad) and "fwd+bwd" (forward, then backward of sum(out * g)).
 
-The floor: the state updates of a call (batch * d_inner * d_state * L, once forward and once more in
-the backward's adjoint) times the measured cost of one exp-multiply-add, h = exp(a x) h + b, on
-this CPU (the cheaper of: the compiled kernels' exp in a loop over a cache-resident array, torch's
-exp + mul_ + add_ on one), divided by the threads. ``/floor`` is a scan's time over that: how far
-it is from what the CPU can do for this shape.
+The floor: the time this CPU takes for the state updates of a call (batch * d_inner * d_state * L,
+once forward and once more in the backward's adjoint) done as independent exp-multiply-adds
+h = exp(a x) h + b over L1-resident arrays with the kernels' own vectorised exp, on the same
+threads: no recurrence, no memory traffic, no gradient terms. It is timed in the same rotation as
+the scans (so load hits it alike); ``x floor`` is a scan's time over it: how far it is from what the
+CPU can do for this shape. (Without numba: torch's exp + mul_ + add_ on a 256 KiB array.)
 
 Model step: one training step (forward, MSE loss, backward, AdamW step) of the write-up's BiMamba at
 the write-up's shape, built here from :class:`prot_lib.models.Mamba`: two independent stacks of 4
@@ -216,57 +217,62 @@ def max_errors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor
 
 # ----------------------------------------------------------------------------- the floor
 
-def measure_exp_mul_add(threads_note: str, repeats: int) -> Dict[str, object]:
-    """Seconds per element of h = exp(a x) h + b over a cache-resident array (independent elements:
-    no recurrence), the cheapest of the ways measured; see the module docstring."""
-    out: Dict[str, object] = {}
-    n = 4096
-    g = torch.Generator().manual_seed(0)
-    x = -torch.rand(n, generator=g) * 0.5
-    b = torch.rand(n, generator=g)
-    if numba_scan.AVAILABLE:
-        from numba import njit
+FLOOR_N = 4096  # elements of the floor's arrays: 16 KiB each, in L1
 
-        expf, constants = numba_scan._expf, numba_scan._constants  # the kernels' own exp
 
-        @njit(nogil=True)
-        def loop(h, x, b, a, c_arr, reps):
-            c = constants(c_arr)
-            for _ in range(reps):
+def _make_floor_kernel():
+    if not numba_scan.AVAILABLE:
+        return None
+    from numba import njit
+
+    expf, constants = numba_scan._expf, numba_scan._constants  # the kernels' own exp
+
+    @njit(nogil=True, error_model="numpy")
+    def kernel(hs, x, b, a, sweeps, c_arr, lo, hi):
+        """Item i: ``sweeps`` times h = exp(a x) h + b over hs[i] (independent elements)."""
+        c = constants(c_arr)
+        for item in range(lo, hi):
+            h = hs[item]
+            for _ in range(sweeps):
                 for i in range(h.shape[0]):
                     h[i] = expf(x[i] * a, c) * h[i] + b[i]
 
-        h = torch.zeros(n)
-        args = (h.numpy(), x.numpy(), b.numpy(), np.float32(0.9), numba_scan._EXP_CONSTANTS)
-        loop(*args, 1)  # compile
-        reps = 2000
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            loop(*args, reps)
-            times.append((time.perf_counter() - t0) / (reps * n))
-        out["numba_exp_loop_s"] = min(times)
-    m = 1 << 16  # torch: per-op overhead needs longer arrays (256 KiB: L2)
+    return kernel
+
+
+_FLOOR_KERNEL = _make_floor_kernel()
+
+
+def floor_call(updates: int) -> float:
+    """Wall time of ``updates`` exp-multiply-adds h = exp(a x) h + b, split over
+    torch.get_num_threads() threads as the numba scan splits its work (each thread on its own
+    L1-resident array: no recurrence, no memory traffic). With numba missing: torch's exp, mul_,
+    add_ on a 256 KiB array, scaled to ``updates``."""
+    g = torch.Generator().manual_seed(0)
+    if _FLOOR_KERNEL is not None:
+        workers = max(1, torch.get_num_threads())
+        hs = np.zeros((workers, FLOOR_N), np.float32)
+        x = (-torch.rand(FLOOR_N, generator=g) * 0.5).numpy()
+        b = torch.rand(FLOOR_N, generator=g).numpy()
+        sweeps = max(1, round(updates / (FLOOR_N * workers)))
+        t0 = time.perf_counter()
+        numba_scan._run_items(_FLOOR_KERNEL, workers, hs, x, b, np.float32(0.9), sweeps,
+                              numba_scan._EXP_CONSTANTS)
+        return (time.perf_counter() - t0) * updates / (sweeps * FLOOR_N * workers)
+    m = 1 << 16
     xt, bt = -torch.rand(m, generator=g) * 0.5, torch.rand(m, generator=g)
     h, e = torch.zeros(m), torch.empty(m)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(100):
-            torch.mul(xt, 0.9, out=e).exp_()
-            h.mul_(e).add_(bt)
-        times.append((time.perf_counter() - t0) / (100 * m))
-    out["torch_ops_s"] = min(times)
-    best = min((v, k) for k, v in out.items() if k.endswith("_s"))
-    out["seconds_per_update"], out["measured_with"] = best
-    out["note"] = threads_note
-    return out
+    sweeps = max(1, round(updates / m))
+    t0 = time.perf_counter()
+    for _ in range(sweeps):
+        torch.mul(xt, 0.9, out=e).exp_()
+        h.mul_(e).add_(bt)
+    return (time.perf_counter() - t0) * updates / (sweeps * m)
 
 
-def floor_seconds(cell: Dict, cost: float) -> float:
-    updates = cell["batch"] * cell["d_inner"] * cell["d_state"] * cell["L"]
-    passes = 1 if cell["mode"] == "fwd" else 2  # the forward's update, then the adjoint's
-    return passes * updates * cost / max(1, min(cell["threads"], os.cpu_count() or 1))
+def floor_updates(batch: int, d_inner: int, d_state: int, L: int, mode: str) -> int:
+    """State updates of a call: once forward and, for fwd+bwd, once more in the adjoint."""
+    return (1 if mode == "fwd" else 2) * batch * d_inner * d_state * L
 
 
 # ----------------------------------------------------------------------------- scan cells
@@ -280,7 +286,7 @@ def _estimate(history: Dict, key, updates: int, L: int, quadratic: bool) -> Tupl
     return t_prev * scale, (None if m_prev is None else int(m_prev * updates / u_prev))
 
 
-def bench_cells(args, threads: int, cost: float, log, cells: List[Dict], save: Callable[[], None]) -> None:
+def bench_cells(args, threads: int, log, cells: List[Dict], save: Callable[[], None]) -> None:
     """Time every (cell, mode) with ``threads`` threads; appends to ``cells``, saving after each."""
     torch.set_num_threads(threads)
     names = [n for n in args.scans if SCANS.get(n) is not None]
@@ -311,11 +317,14 @@ def bench_cells(args, threads: int, cost: float, log, cells: List[Dict], save: C
             for name, p in plan.items():  # warm-up (allocator, lazy init) where it is cheap
                 if p["warm"]:
                     run_once(SCANS[name], inputs, mode, grad_out)
+            n_floor = floor_updates(batch, d_inner, d_state, L, mode)
+            floor_times = [floor_call(n_floor)]  # the floor is timed in the same rotation
             for r in range(max(p["reps"] for p in plan.values())):
                 order = list(plan)[r % len(plan):] + list(plan)[: r % len(plan)]
                 for name in order:
                     if len(plan[name]["times"]) < plan[name]["reps"]:
                         plan[name]["times"].append(run_once(SCANS[name], inputs, mode, grad_out))
+                floor_times.append(floor_call(n_floor))
             for name, p in plan.items():
                 cell["time_s"][name] = statistics.median(p["times"])
                 cell["repeats"][name] = len(p["times"])
@@ -336,7 +345,8 @@ def bench_cells(args, threads: int, cost: float, log, cells: List[Dict], save: C
                 history[(name, mode)] = (updates, L, cell["time_s"][name], cell["peak_mem_bytes"].get(name))
             ours = cell["time_s"].get("ours")
             cell["ratios"] = {f"{n}/ours": t / ours for n, t in cell["time_s"].items() if n != "ours" and ours}
-            cell["floor_s"] = floor_seconds(cell, cost)
+            cell["floor_s"] = statistics.median(floor_times[1:] or floor_times)
+            cell["floor_updates"] = n_floor
             cell["over_floor"] = {n: t / cell["floor_s"] for n, t in cell["time_s"].items()}
             cells.append(cell)
             save()
@@ -386,7 +396,7 @@ class WriteupBiMamba(nn.Module):
         return self.head(torch.cat([f, b.flip(1)], dim=-1).mean(dim=1)).squeeze(-1)
 
 
-def bench_model_step(args, threads: int, cost: float, cells: List[Dict], log, rows: List[Dict],
+def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict],
                      save: Callable[[], None]) -> None:
     """Training-step time and peak memory of :class:`WriteupBiMamba` with each scan."""
     torch.set_num_threads(threads)
@@ -443,11 +453,8 @@ def bench_model_step(args, threads: int, cost: float, cells: List[Dict], log, ro
             _, row["peak_mem_bytes"][name] = measured(lambda: step(name), True)
     ours = row["time_s"]["ours"]
     row["ratios"] = {f"{n}/ours": t / ours for n, t in row["time_s"].items() if n != "ours"}
-    updates = batch * d_inner * d_state * L
-    row["scan_floor_s"] = 2 * n_layers * floor_seconds(
-        {"batch": batch, "d_inner": d_inner, "d_state": d_state, "L": L, "mode": "fwd+bwd",
-         "threads": threads}, cost)
-    row["state_updates_per_scan"] = updates
+    row["scan_floor_s"] = 2 * n_layers * statistics.median(
+        [floor_call(floor_updates(batch, d_inner, d_state, L, "fwd+bwd")) for _ in range(3)])
     rows.append(row)
     save()
     log(f"model step thr={threads} (B={batch} L={L} d_model={d_model}, {2 * n_layers} scans, their floor "
@@ -579,9 +586,10 @@ def main(argv=None) -> Dict:
                  "repeats": args.repeats, "statistic": "median", "complete": False,
                  "fwd_mode": "under torch.no_grad", "fwd+bwd_mode": "forward then backward of sum(out * g)",
                  "peak_mem": "bytes allocated above those live at the call's start (torch.profiler)",
-                 "floor": "state updates (x2 for fwd+bwd) x seconds per exp-multiply-add / threads",
+                 "floor": "time of the call's state updates (x2 for fwd+bwd) as independent exp-multiply-adds "
+                          "h = exp(a x) h + b on L1-resident arrays, same threads, timed in the same rotation",
                  "scans": DESCRIPTION},
-        "compile": {}, "floor": {}, "cells": [], "model_step": [], "targets": [],
+        "compile": {}, "cells": [], "model_step": [], "targets": [],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
@@ -598,15 +606,10 @@ def main(argv=None) -> Dict:
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            floor = measure_exp_mul_add(f"measured with torch.set_num_threads({threads})", repeats=3 if args.quick else 7)
-            result["floor"][str(threads)] = floor
-            log(f"--- torch.set_num_threads({threads}); one exp-multiply-add: {floor['seconds_per_update'] * 1e9:.3f} ns "
-                f"({floor['measured_with']}; " + ", ".join(f"{k} {v * 1e9:.3f} ns" for k, v in floor.items()
-                                                          if k.endswith("_s")) + ")")
-            bench_cells(args, threads, floor["seconds_per_update"], log, result["cells"], save)
+            log(f"--- torch.set_num_threads({threads})")
+            bench_cells(args, threads, log, result["cells"], save)
             if not args.no_model_step:
-                bench_model_step(args, threads, floor["seconds_per_update"], result["cells"], log,
-                                 result["model_step"], save)
+                bench_model_step(args, threads, result["cells"], log, result["model_step"], save)
     finally:
         torch.set_num_threads(threads_before)
     result["meta"]["complete"] = True

@@ -454,13 +454,20 @@ def test_benchmark_quick_mode_runs(tmp_path):
         sys.path.remove(str(ROOT / "benchmarks"))
     out = tmp_path / "bench.json"
     result = bench.main(["--quick", "--json", str(out)])
-    assert json.loads(out.read_text())["cells"] == json.loads(json.dumps(result["cells"]))
+    saved = json.loads(out.read_text())
+    assert saved["cells"] == json.loads(json.dumps(result["cells"])) and saved["meta"]["complete"]
+    assert saved["compile"]["this_process"]["cache_hits"] + saved["compile"]["this_process"]["cache_misses"] == 2
     cells = result["cells"]
     assert {c["mode"] for c in cells} == {"fwd", "fwd+bwd"}
     for c in cells:
-        assert "ours" in c["time_s"] and c["peak_mem_bytes"]["ours"] > 0
+        assert {"ours", "chunked", "unbind", "pscan"} <= set(c["time_s"]), c["time_s"]
+        assert c["peak_mem_bytes"]["ours"] > 0 and c["floor_s"] > 0
         assert all(r > 0 for r in c["ratios"].values())
-        for name, err in c.get("errors", {}).items():
-            if name != "against":
-                assert err["max_rel"] < 1e-5, (name, err)
-    assert result["model_step"] and "ours" in result["model_step"][0]["time_s"]
+        assert c["over_floor"]["ours"] == pytest.approx(c["time_s"]["ours"] / c["floor_s"])
+        if c["mode"] == "fwd+bwd":  # every scan's out, last state and gradients vs the reference loop
+            assert set(c["errors"]) == {"against", "ours", "chunked", "pscan"}
+            for name, err in c["errors"].items():
+                if name != "against":
+                    assert err["max_rel"] < 1e-5, (name, err)
+    step = result["model_step"][0]
+    assert {"ours", "chunked", "no-recurrence"} <= set(step["time_s"]) and step["scan_floor_s"] > 0

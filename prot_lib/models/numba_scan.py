@@ -1,10 +1,12 @@
-r"""The S6 recurrence and its adjoint as compiled CPU kernels (numba): the default CPU scan.
+r"""mamba-ssm's selective scan as compiled CPU kernels (numba): the default CPU scan.
 
 :func:`prot_lib.models.selective_scan.selective_scan` (and so :class:`prot_lib.models.Mamba`) runs
-:func:`numba_scan` when numba imports, else the pure-PyTorch chunked scan of
-:mod:`prot_lib.models.chunked_scan`; ``PROT_LIB_SCAN=torch`` forces the latter. This module only
-computes the recurrence on prepared float32 tensors (delta bias and softplus applied, no D skip, no
-gate): :mod:`prot_lib.models.selective_scan` wraps it in mamba-ssm's ``selective_scan_ref`` contract.
+:func:`numba_scan` for CPU tensors when numba imports, else the pure-PyTorch chunked scan of
+:mod:`prot_lib.models.chunked_scan`; ``PROT_LIB_SCAN=torch`` forces the latter. The kernels compute
+the whole contract of mamba-ssm's ``selective_scan_ref`` on float32 tensors: delta + delta_bias,
+softplus, the recurrence, + D u, * silu(z), and the gradients of all of it;
+:mod:`prot_lib.models.selective_scan` checks shapes, casts to float32 and back, and routes
+time-invariant (2-D) B and C to the reference loop.
 
 The recurrence (Gu & Dao 2023, "Mamba", Algorithm 2 with eq. 2a and 4, as mamba-ssm's
 ``selective_scan_ref`` computes it), per batch element b, channel d and state n:
@@ -17,69 +19,79 @@ and its adjoint, derived in :mod:`prot_lib.models.chunked_scan` (G_t = dl/dh_t, 
     dl/dDelta_t = sum_n A P_t + sum_n B_t (G_t u_t),   dl/du_t = sum_n G_t (Delta_t B_t)
     dl/dA = sum_{b,t} Delta_t P_t,   dl/dB_t = sum_d Delta_t (G_t u_t),   dl/dC_t = sum_d dl/dy_t h_t
 
-Why compiled kernels (measured with benchmarks/bench_scan.py; numbers in benchmarks/README.md)
+Why compiled kernels, and why numba (numbers: benchmarks/README.md, from benchmarks/bench_scan.py)
 ------------------------------------------------------------------------------------------------
-Each state update is one exp, two multiplies and two multiply-adds: a few nanoseconds of work that
-no sequence of torch ops can do without writing every intermediate to memory. The chunked torch scan
-spends about three quarters of its time on copies and small ops. Here one loop nest does the update
-with the state in L1 cache, vectorised over channels (8 float32 lanes of AVX2), so the time is the
-cost of the exp and the multiply-adds themselves. Weighed and measured against:
+A state update is one exp, three multiplies and two adds: a nanosecond of work that no sequence of
+torch ops can do without writing every intermediate to memory. Profiled on the issue's cell (batch
+16, d_inner 64, d_state 16, L 512, forward and backward, one thread), the chunked torch scan spends
+about three quarters of its time on copies and small ops, and the contract's elementwise ops around
+any scan (softplus, its backward, the gate) cost as much as this module's whole recurrence. Here one
+loop nest does the update with the state in L1 cache, vectorised over channels (8 float32 lanes of
+AVX2), and the contract's ops run in the same loops, so the time is the cost of the exps and
+multiply-adds themselves. Weighed and measured:
 
-* torch's own exp (SLEEF) for a chunk of Delta A, with the kernel running only the multiply-adds:
-  torch's exp measured slower per element than the exp below, and the chunk of exp(Delta A) then
-  round-trips through memory.
-* a C++ extension (``torch.utils.cpp_extension``, ``at::vec`` exp): the same loop, but it needs a
-  compiler on the user's machine at run time; numba's wheels bring LLVM with them, so the install
-  stays ``pip install``.
+* numba (chosen): wheels on PyPI for every platform, LLVM inside, so the install stays
+  ``pip install`` and nothing is compiled on the user's machine but the JIT's own code (cached).
+* torch's exp (SLEEF) for a chunk of Delta A, with a kernel running only the multiply-adds:
+  measured here at 1.2-1.4 ns per element for the exp alone against about 1 ns for the exp below,
+  plus a round trip of every exp(Delta A) through memory; rejected.
+* a C++ extension (``torch.utils.cpp_extension``, ``at::vec`` exp): the same loop at best, but it
+  needs a C++ compiler and torch's headers on the user's machine at run time, and a fallback where
+  they are missing; numba gives the same code without that. Not built.
 * a better vectorised PyTorch formulation: every closed form (cumulative products, log space)
   divides by decays and breaks in float32 (see :mod:`.chunked_scan`); the exact streamed form is
-  what the chunked scan already is.
+  what the chunked scan already is, bound by op overhead. It stays as the fallback.
 
 The kernels
 -----------
-* forward: for each (batch element, block of channels), t = 1..L, n = 1..N, the update above over
-  the channel block (the innermost, vectorised loop); the state (N x block) stays in L1. With
-  autograd it saves the state entering each chunk of T steps (``chunk_size``, default 32).
+* forward: for each work item (a batch element, or a block of its channels), t = 1..L: delta for
+  the step (bias, softplus), then for n = 1..N the update over the channel block (the innermost,
+  vectorised loop; the state, N x block, stays in L1), then + D u and the gate. With autograd it
+  also saves the state entering each chunk of T steps (``chunk_size``, default 32), delta after
+  softplus and, with a gate, y + D u.
 * backward: chunks last to first; per chunk, the forward is recomputed from the saved entry state
-  into two (T, N, block) buffers (exp(Delta A) and h), then the adjoint runs backwards through them.
-  Memory: the saved states, batch * d_inner * d_state * ceil(L / T) floats, plus per thread
-  2 * T * N * block floats (block <= 64 channels, so the buffers stay in L2); never a
-  (batch, d_inner, d_state, L) tensor.
+  into two (T, N, block) buffers (exp(Delta A) and h), then the adjoint runs backwards through
+  them, with the gate's, the skip's and softplus's derivatives at each step.
+  Memory: the saved states, batch * d_inner * d_state * ceil(L / T) floats, two or three
+  (batch, L, d_inner) tensors, and per thread 2 * T * N * block floats (block <= 64 channels, so
+  the buffers stay in L2); never a (batch, d_inner, d_state, L) tensor.
 * exp: numba's ``math.exp`` on float32 is a scalar libm call that stops the loop from vectorising,
-  so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, a degree-7 polynomial
-  for exp(r) (the Cephes ``expf`` coefficients), and 2^k set in the exponent bits in two steps, so
-  that results in float32's subnormal range come out as torch's do. Measured against float64 exp
-  over [-120, 95]: at most 8e-8 relative error where the result is normal (torch's: 6e-8); the same
-  0 below -103.97, inf above 88.72, NaN for NaN (tests/test_scan_numba.py).
+  so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, the Cephes ``expf``
+  polynomial for exp(r), and 2^k set in the exponent bits in two steps, so that results in
+  float32's subnormal range come out as torch's do. Against float64's exp over [-120, 95]: at most
+  8e-8 relative error where the result is normal (torch's float32 exp: 6e-8); 0, subnormal, inf
+  and NaN exactly where torch's exp gives them (tests/test_scan_numba.py). softplus uses it with
+  the Cephes ``logf`` polynomial; silu with a division, as torch writes both.
 
-Numerics: as the chunked scan
------------------------------
+Numerics: as the reference, to float32 round-off
+------------------------------------------------
 Only decays exp(Delta A) in (0, 1] (for Delta >= 0, A <= 0) ever multiply the state or the adjoint;
-no division, no closed form. The elementwise products are formed in the reference's order
-(Delta B then times u; (G h) then times the decay), so where the reference overflows these kernels
-give the same inf and NaN. Sums are reordered (float32 round-off, about 1e-7 relative), and
-multiply-adds are fused (LLVM's ``contract``; never ``nnan``/``ninf``, which would let the compiler
-assume NaN and inf away): at the edge where a product lies just above float32's maximum and the
-addend brings it back below, the fused result is finite where the reference's separate multiply
-overflowed; where finite terms near 1e38 are summed, partial sums overflow in one order and not in
-another. The two reductions over channels (dl/dB, dl/dC) are compiled with ``reassoc`` so that they
-vectorise; they contain nothing but products and sums.
+no closed form. Every elementwise product is formed in the order of the reference's torch ops
+(Delta B then times u; (G h) then times the decay; (y + u D) then times silu(z); softplus and silu
+and their backward as ATen's CPU kernels write them), so where the reference overflows these
+kernels give inf and NaN at the same places. The kernels are compiled without fast-math flags but
+``reassoc`` on the two reductions over channels (dl/dB, dl/dC: nothing but products and sums),
+and never ``nnan``/``ninf``, which would let the compiler assume NaN and inf away; the only fused
+multiply-adds are explicit ones inside exp and log, where nothing can overflow. Sums are reordered
+(about 1e-7 relative), and at one edge the order shows: where finite terms near 1e38 are summed,
+partial sums overflow in one order and not in another, so the reference may give NaN (-inf + inf)
+where these kernels give inf (tests/test_scan.py lists the cases). Without a delta_bias the
+kernels add zeros, which changes nothing but the sign of a zero delta.
 
 Threads
 -------
-The kernels release the GIL; the batch (times channel blocks when the batch is smaller than the
-thread count) is split across ``torch.get_num_threads()`` threads of a small thread pool owned by
-this module, so ``torch.set_num_threads(1)`` (k-fold workers, sweeps) means one thread, and the
-default uses every core torch uses. numba's own ``parallel=True`` is not used: its threading
-layers are either not fork-safe (GNU OpenMP), not safe to call from several threads at once
-(workqueue; a Dask worker runs tasks in threads) or an extra package (TBB).
+The kernels release the GIL; the work items are split across ``torch.get_num_threads()`` threads of
+a small thread pool owned by this module, so ``torch.set_num_threads(1)`` (k-fold workers, sweeps)
+means one thread, and the default uses every core torch uses. numba's own ``parallel=True`` is not
+used: its threading layers are not fork-safe (GNU OpenMP), not safe to call from several threads at
+once (workqueue; a Dask worker runs tasks in threads) or an extra package (TBB).
 
 Compilation
 -----------
-The kernels compile on first use (about 10-30 s, see :func:`compile_kernels`) and are cached on disk
-(``cache=True``: ``__pycache__`` beside this file, else numba's user cache directory, else
-``NUMBA_CACHE_DIR``); later processes load them in well under a second. Where no cache location is
-writable they are compiled once per process.
+The kernels compile on first use (about 10 s on a free core, see :func:`compile_kernels`) and are
+cached on disk (``cache=True``: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside this file,
+else numba's user cache directory); later processes load them in about a second. Where no cache
+location is writable they are compiled once per process instead.
 """
 from __future__ import annotations
 
@@ -259,11 +271,11 @@ if AVAILABLE:
             out[i] = _expf(x[i], c)
 
     @_jit(fastmath={"reassoc"})
-    def _dot(a, b, lo, hi):
-        """sum_{lo <= i < hi} a[i] * b[i]; compiled with reassoc so that it vectorises."""
+    def _dot(a, b3, j, k, lo, hi):
+        """sum_{lo <= i < hi} a[i] * b3[j, k, i]; compiled with reassoc so that it vectorises."""
         acc = np.float32(0.0)
         for i in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no negative-index wraparound
-            acc += a[i] * b[i]
+            acc += a[i] * b3[j, k, i]
         return acc
 
     @_jit(fastmath={"reassoc"})
@@ -305,49 +317,42 @@ if AVAILABLE:
                     h[n, d] = 0.0
             for t in range(L):
                 if save and t % T == 0:
-                    st = starts[b, t // T]
                     for n in range(N):
                         for d in range(cols_lo, cols_hi):
-                            st[n, d] = h[n, d]
-                raw = dl[b, t]
-                u_row = u[b, t]
+                            starts[b, t // T, n, d] = h[n, d]
                 # the contract's delta: + bias (zeros without one: x + 0 is x, but for -0.0 -> 0.0),
                 # then softplus. Flags are tested outside the channel loops: a branch inside one
                 # would stop it from vectorising.
                 if softplus:
                     for d in range(cols_lo, cols_hi):
-                        dt_row[d] = _softplus(raw[d] + bias[d], c)
+                        dt_row[d] = _softplus(dl[b, t, d] + bias[d], c)
                 else:
                     for d in range(cols_lo, cols_hi):
-                        dt_row[d] = raw[d] + bias[d]
+                        dt_row[d] = dl[b, t, d] + bias[d]
                 for d in range(cols_lo, cols_hi):
                     y_row[d] = 0.0
                 if save:
                     for d in range(cols_lo, cols_hi):
                         dt_save[b, t, d] = dt_row[d]
-                for n in range(N):
+                for n in range(N):  # rows indexed in place: a view per (t, n) costs two atomics
                     bn = Bm[b, n, t]
                     cn = Cm[b, n, t]
-                    h_row = h[n]
-                    a_row = At[n]
                     for d in range(cols_lo, cols_hi):
                         dt = dt_row[d]
-                        hn = _expf(dt * a_row[d], c) * h_row[d] + (dt * bn) * u_row[d]
-                        h_row[d] = hn
+                        hn = _expf(dt * At[n, d], c) * h[n, d] + (dt * bn) * u[b, t, d]
+                        h[n, d] = hn
                         y_row[d] += cn * hn
                 # the contract's output: + D u, then times silu(z) (as torch writes silu)
                 if has_D:
                     for d in range(cols_lo, cols_hi):
-                        y_row[d] = y_row[d] + u_row[d] * Dv[d]
+                        y_row[d] = y_row[d] + u[b, t, d] * Dv[d]
                 if has_z:
                     if save:
                         for d in range(cols_lo, cols_hi):
                             v_save[b, t, d] = y_row[d]
-                    z_row = z[b, t]
-                    out_row = out[b, t]
                     for d in range(cols_lo, cols_hi):
-                        zz = z_row[d]
-                        out_row[d] = y_row[d] * (zz / (one + _expf(-zz, c)))
+                        zz = z[b, t, d]
+                        out[b, t, d] = y_row[d] * (zz / (one + _expf(-zz, c)))
                 else:
                     for d in range(cols_lo, cols_hi):
                         out[b, t, d] = y_row[d]
@@ -363,19 +368,13 @@ if AVAILABLE:
         cols_lo, cols_hi = np.uint64(d0), np.uint64(d1)  # unsigned: see _COLUMNS_NOTE
         for t in range(s, e):
             i = t - s
-            dt_row = dt_all[b, t]
-            u_row = u[b, t]
-            for n in range(N):
+            for n in range(N):  # rows indexed in place: a view per (t, n) costs two atomics
                 bn = Bm[b, n, t]
-                a_row = At[n]
-                h_prev = h_buf[i, n]
-                h_next = h_buf[i + 1, n]
-                decay = a_buf[i, n]
                 for d in range(cols_lo, cols_hi):
-                    dt = dt_row[d]
-                    a = _expf(dt * a_row[d], c)
-                    decay[d] = a
-                    h_next[d] = a * h_prev[d] + (dt * bn) * u_row[d]
+                    dt = dt_all[b, t, d]
+                    a = _expf(dt * At[n, d], c)
+                    a_buf[i, n, d] = a
+                    h_buf[i + 1, n, d] = a * h_buf[i, n, d] + (dt * bn) * u[b, t, d]
 
     @_jit()
     def _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, g_out, gu, gdl, gz, gA_b,
@@ -397,66 +396,53 @@ if AVAILABLE:
         gy = acc[4]    # dl/dy: the output's gradient through the gate
         for t in range(e - 1, s - 1, -1):
             i = t - s
-            dt_row = dt_all[b, t]
-            u_row = u[b, t]
-            go_row = g_out[b, t]
             if has_z:  # out = v * silu(z): torch's mul and silu_backward
-                z_row = z[b, t]
-                v_row = v_save[b, t]
-                gz_row = gz[b, t]
                 for d in range(cols_lo, cols_hi):
-                    zz = z_row[d]
+                    zz = z[b, t, d]
                     ez = _expf(-zz, c)
                     sig = one / (one + ez)
-                    gz_row[d] = (go_row[d] * v_row[d]) * sig * (one + zz * (one - sig))
-                    gy[d] = go_row[d] * (zz / (one + ez))
+                    gz[b, t, d] = (g_out[b, t, d] * v_save[b, t, d]) * sig * (one + zz * (one - sig))
+                    gy[d] = g_out[b, t, d] * (zz / (one + ez))
             else:
                 for d in range(cols_lo, cols_hi):
-                    gy[d] = go_row[d]
+                    gy[d] = g_out[b, t, d]
             for d in range(cols_lo, cols_hi):
                 g_dA[d] = 0.0
                 g_dB[d] = 0.0
                 g_u[d] = 0.0
-            for n in range(N):
+            for n in range(N):  # rows indexed in place: a view per (t, n) costs two atomics
                 bn = Bm[b, n, t]
                 cn = Cm[b, n, t]
-                a_row = At[n]
-                gA_row = gA_b[n]
-                h_prev = h_buf[i, n]
-                decay = a_buf[i, n]
-                car = carry[n]
                 for d in range(cols_lo, cols_hi):
-                    dt = dt_row[d]
-                    G = cn * gy[d] + car[d]
-                    P = (G * h_prev[d]) * decay[d]
-                    g_dA[d] += a_row[d] * P
-                    gA_row[d] += dt * P
-                    Gu = G * u_row[d]
+                    dt = dt_all[b, t, d]
+                    decay = a_buf[i, n, d]
+                    G = cn * gy[d] + carry[n, d]
+                    P = (G * h_buf[i, n, d]) * decay
+                    g_dA[d] += At[n, d] * P
+                    gA_b[n, d] += dt * P
+                    Gu = G * u[b, t, d]
                     g_dB[d] += bn * Gu
                     g_u[d] += G * (dt * bn)
                     tmp[d] = dt * Gu
-                    car[d] = decay[d] * G
+                    carry[n, d] = decay * G
                 gB_j[b, n, t] = _sum(tmp, d0, d1)
-                gC_j[b, n, t] = _dot(gy, h_buf[i + 1, n], d0, d1)
-            raw = dl[b, t]
-            gdl_row = gdl[b, t]
-            gu_row = gu[b, t]
+                gC_j[b, n, t] = _dot(gy, h_buf, i + 1, n, d0, d1)
             if softplus:  # torch's softplus_backward at delta + bias
                 for d in range(cols_lo, cols_hi):
-                    gdl_row[d] = _softplus_grad(g_dA[d] + g_dB[d], raw[d] + bias[d], c)
+                    gdl[b, t, d] = _softplus_grad(g_dA[d] + g_dB[d], dl[b, t, d] + bias[d], c)
             else:
                 for d in range(cols_lo, cols_hi):
-                    gdl_row[d] = g_dA[d] + g_dB[d]
+                    gdl[b, t, d] = g_dA[d] + g_dB[d]
             if has_bias:
                 for d in range(cols_lo, cols_hi):
-                    gbias_b[d] += gdl_row[d]
+                    gbias_b[d] += gdl[b, t, d]
             if has_D:  # v = y + u * D
                 for d in range(cols_lo, cols_hi):
-                    gu_row[d] = g_u[d] + gy[d] * Dv[d]
-                    gD_b[d] += gy[d] * u_row[d]
+                    gu[b, t, d] = g_u[d] + gy[d] * Dv[d]
+                    gD_b[d] += gy[d] * u[b, t, d]
             else:
                 for d in range(cols_lo, cols_hi):
-                    gu_row[d] = g_u[d]
+                    gu[b, t, d] = g_u[d]
 
     @_jit()
     def _backward_items(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, starts, g_out, glast, gu,
