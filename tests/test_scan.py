@@ -198,7 +198,8 @@ def test_default_chunk_size():
 
 def test_channel_blocks_cover_the_threads():
     assert numba_scan.channel_block(16, 64, threads=2) == 64  # the batch alone feeds 2 threads
-    assert numba_scan.channel_block(50, 200, threads=1) == 56  # <= 64 channels: 4 blocks of 56, 32
+    assert numba_scan.channel_block(50, 200, threads=1) == 200  # one block up to 256 channels
+    assert numba_scan.channel_block(1, 512, threads=1) == 256  # two blocks of 256
     assert numba_scan.channel_block(1, 64, threads=2) == 32  # batch 1: two blocks for two threads
     assert numba_scan.channel_block(1, 8, threads=2) == 8  # never below one 8-lane vector
 
@@ -256,7 +257,7 @@ EDGE_CASES = {
     "d_state 16, L 100": dict(d_state=16, L=100, use_last_state=True),
     # channel counts that are no multiple of 8 (one AVX2 vector) and several channel blocks
     "d_inner 13, d_state 3": dict(d_inner=13, d_state=3, L=29, chunk_size=7),
-    "d_inner 150 (3 blocks)": dict(d_inner=150, batch=1, L=33, use_last_state=True),
+    "d_inner 600 (3 blocks of 200)": dict(d_inner=600, batch=1, L=33, use_last_state=True),
 }
 
 
@@ -288,6 +289,19 @@ def test_numba_scan_is_the_same_on_one_thread_and_two():
         torch.set_num_threads(before)
     assert_bit_identical(two, one)
     assert_same_results(split, run(selective_scan_reference, x1, use_last_state=True), "batch 1, 2 threads")
+
+
+@fast_scans
+def test_mamba_layouts_give_the_same_results(impl):
+    """Inside Mamba, delta and z are transposed views of (batch, L, d_inner) tensors (z with a row
+    stride of 2 * d_inner, as a half of in_proj's output); the results do not depend on strides."""
+    x = make_inputs(batch=3, d_inner=24, d_state=16, L=30)
+    strided = dict(x)
+    strided["delta"] = x["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+    both = torch.cat([x["z"], x["u"]], dim=1).transpose(1, 2).contiguous().transpose(1, 2)
+    strided["z"] = both[:, :24]  # (batch, d_inner, L) view with strides (L * 48, 1, 48)
+    assert not strided["z"].is_contiguous() and not strided["delta"].is_contiguous()
+    assert_same_results(run(FAST[impl], strided), run(FAST[impl], x), "strided inputs")
 
 
 @fast_scans

@@ -53,8 +53,8 @@ The kernels
   into two (T, N, block) buffers (exp(Delta A) and h), then the adjoint runs backwards through
   them, with the gate's, the skip's and softplus's derivatives at each step.
   Memory: the saved states, batch * d_inner * d_state * ceil(L / T) floats, two or three
-  (batch, L, d_inner) tensors, and per thread 2 * T * N * block floats (block <= 64 channels, so
-  the buffers stay in L2); never a (batch, d_inner, d_state, L) tensor.
+  (batch, L, d_inner) tensors, and per thread 2 * T * N * d_inner floats (buffers); never a
+  (batch, d_inner, d_state, L) tensor.
 * exp: numba's ``math.exp`` on float32 is a scalar libm call that stops the loop from vectorising,
   so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, the Cephes ``expf``
   polynomial for exp(r), and 2^k set in the exponent bits in two steps, so that results in
@@ -123,8 +123,12 @@ AVAILABLE = numba is not None
 
 #: Steps per chunk T: the backward recomputes T steps at a time from the state saved at their start.
 DEFAULT_CHUNK_SIZE = 32
-#: Channels per work item at most: the backward's two (T, d_state, block) buffers then stay in L2.
-MAX_CHANNEL_BLOCK = 64
+#: Channels per work item at most. Every (t, n) step of a channel loop has a fixed cost (loop
+#: entry, LLVM's run-time overlap checks, the two reductions over channels), so long loops pay:
+#: measured at d_inner 200 (bench conditions as in benchmarks/README.md), one block of 200 channels
+#: made the backward about 1.9x faster than four of 56, although its (T, d_state, block) buffers
+#: then spill from L2 to L3.
+MAX_CHANNEL_BLOCK = 256
 
 # Constants of _expf, passed to the kernels as an array rather than frozen into the code: numba's
 # JIT addresses frozen constants through 64-bit absolute addresses, two instructions per use in the
