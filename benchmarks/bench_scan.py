@@ -41,8 +41,8 @@ scan in the previous cell (scaled by the state updates; the reference's backward
 a scan is skipped where one call would exceed ``--max-ref-call-s`` (the reference only) or its
 memory ``--max-mem-gb``, and runs fewer repeats where repeats x estimate exceeds
 ``--cell-budget-s``. In the model step, unbind and pscan are skipped where 8 x their measured peak in
-the write-up cell exceeds ``--max-mem-gb`` (their autograd graphs hold full (batch, L, d_inner,
-d_state) tensors).
+the write-up cell exceeds ``--max-mem-gb``, or where the run did not measure that cell (their
+autograd graphs hold full (batch, L, d_inner, d_state) tensors).
 
 Usage:
     python benchmarks/bench_scan.py                 # both cells, model step, threads 1 and 2
@@ -413,7 +413,10 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
         cell = next((c for c in cells if (c["threads"], c["batch"], c["d_inner"], c["d_state"], c["L"],
                                           c["mode"]) == (threads, batch, d_inner, d_state, L, "fwd+bwd")), None)
         mem = cell["peak_mem_bytes"].get(name) if cell else None
-        if name in variants and mem is not None and 2 * n_layers * mem > args.max_mem_gb * 2**30:
+        if name in variants and mem is None:
+            row["skipped"][name] = "no peak measured in this run's matching fwd+bwd cell to check --max-mem-gb"
+            del variants[name]
+        elif name in variants and 2 * n_layers * mem > args.max_mem_gb * 2**30:
             row["skipped"][name] = (f"est. {2 * n_layers * mem / 2**30:.1f} GiB "
                                     f"(= {2 * n_layers} x its scan's peak) > --max-mem-gb")
             del variants[name]
