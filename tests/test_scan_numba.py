@@ -33,6 +33,8 @@ def test_exp_matches_float64_exp_and_torch_on_every_edge():
     exact = torch.exp(x.double())
     normal = torch.isfinite(ref) & (ref >= torch.finfo(torch.float32).tiny)
     rel = ((ours.double() - exact) / exact)[normal].abs().max().item()
+    rel_torch = ((ref.double() - exact) / exact)[normal].abs().max().item()
+    print(f"max relative error vs float64 exp where normal: ours {rel:.1e}, torch {rel_torch:.1e}")
     assert rel < 2.5e-7, rel
     assert torch.equal(ours.isnan(), ref.isnan())
     assert torch.equal(ours == float("inf"), ref == float("inf"))

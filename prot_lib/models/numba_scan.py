@@ -21,20 +21,21 @@ and its adjoint, derived in :mod:`prot_lib.models.chunked_scan` (G_t = dl/dh_t, 
 
 Why compiled kernels, and why numba (numbers: benchmarks/README.md, from benchmarks/bench_scan.py)
 ------------------------------------------------------------------------------------------------
-A state update is one exp, three multiplies and two adds: a nanosecond of work that no sequence of
-torch ops can do without writing every intermediate to memory. Profiled on the issue's cell (batch
-16, d_inner 64, d_state 16, L 512, forward and backward, one thread), the chunked torch scan spends
-about three quarters of its time on copies and small ops, and the contract's elementwise ops around
-any scan (softplus, its backward, the gate) cost as much as this module's whole recurrence. Here one
+A state update is one exp, three multiplies and two adds: about a nanosecond of work that no
+sequence of torch ops can do without writing every intermediate to memory (issue 13 measured that
+the chunked torch scan spends about three quarters of its time on copies and small ops), and
+``torch.profiler`` on the issue's cell (batch 16, d_inner 64, d_state 16, L 512, forward and
+backward, one thread) showed the contract's elementwise ops around the recurrence (softplus and its
+backward above all) costing a large share of a compiled scan's time when run as torch ops. Here one
 loop nest does the update with the state in L1 cache, vectorised over channels (8 float32 lanes of
 AVX2), and the contract's ops run in the same loops, so the time is the cost of the exps and
 multiply-adds themselves. Weighed and measured:
 
 * numba (chosen): wheels on PyPI for every platform, LLVM inside, so the install stays
   ``pip install`` and nothing is compiled on the user's machine but the JIT's own code (cached).
-* torch's exp (SLEEF) for a chunk of Delta A, with a kernel running only the multiply-adds:
-  measured here at 1.2-1.4 ns per element for the exp alone against about 1 ns for the exp below,
-  plus a round trip of every exp(Delta A) through memory; rejected.
+* torch's exp (SLEEF) for a chunk of Delta A, with a kernel running only the multiply-adds: torch's
+  exp alone timed slower per element than the exp below (interactive timing, same process), and
+  every exp(Delta A) would round-trip through memory; rejected.
 * a C++ extension (``torch.utils.cpp_extension``, ``at::vec`` exp): the same loop at best, but it
   needs a C++ compiler and torch's headers on the user's machine at run time, and a fallback where
   they are missing; numba gives the same code without that. Not built.
@@ -58,9 +59,10 @@ The kernels
 * exp: numba's ``math.exp`` on float32 is a scalar libm call that stops the loop from vectorising,
   so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, the Cephes ``expf``
   polynomial for exp(r), and 2^k set in the exponent bits in two steps, so that results in
-  float32's subnormal range come out as torch's do. Against float64's exp over [-120, 95]: at most
-  8e-8 relative error where the result is normal (torch's float32 exp: 6e-8); 0, subnormal, inf
-  and NaN exactly where torch's exp gives them (tests/test_scan_numba.py). softplus uses it with
+  float32's subnormal range come out as torch's do. Against float64's exp over [-120, 95] it is
+  as close as torch's float32 exp (``pytest -s tests/test_scan_numba.py -k exp`` prints both
+  relative errors; the test bounds ours by 2.5e-7), with 0, subnormal, inf and NaN exactly where
+  torch's exp gives them. softplus uses it with
   the Cephes ``logf`` polynomial; silu with a division, as torch writes both.
 
 Numerics: as the reference, to float32 round-off
@@ -88,9 +90,10 @@ once (workqueue; a Dask worker runs tasks in threads) or an extra package (TBB).
 
 Compilation
 -----------
-The kernels compile on first use (about 10 s on a free core, see :func:`compile_kernels`) and are
-cached on disk (``cache=True``: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside this file,
-else numba's user cache directory); later processes load them in about a second. Where no cache
+The kernels compile on first use (27 s cold on a loaded core, 1.3 s from the cache: the ``compile``
+entry of benchmarks/results/bench_scan.json; :func:`compile_kernels`) and are cached on disk
+(``cache=True``: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside this file, else numba's
+user cache directory). Where no cache
 location is writable they are compiled once per process instead.
 """
 from __future__ import annotations
@@ -124,10 +127,10 @@ AVAILABLE = numba is not None
 #: Steps per chunk T: the backward recomputes T steps at a time from the state saved at their start.
 DEFAULT_CHUNK_SIZE = 32
 #: Channels per work item at most. Every (t, n) step of a channel loop has a fixed cost (loop
-#: entry, LLVM's run-time overlap checks, the two reductions over channels), so long loops pay:
-#: measured at d_inner 200 (bench conditions as in benchmarks/README.md), one block of 200 channels
-#: made the backward about 1.9x faster than four of 56, although its (T, d_state, block) buffers
-#: then spill from L2 to L3.
+#: entry, LLVM's run-time overlap checks, the two reductions over channels), so long loops pay off
+#: even when the backward's (T, d_state, block) buffers then spill from L2: at d_inner 200 one
+#: block of 200 channels ran the backward markedly faster than four blocks of at most 64 (timed
+#: interleaved while tuning; the benchmark's write-up cell is measured with this setting).
 MAX_CHANNEL_BLOCK = 256
 
 # Constants of _expf, passed to the kernels as an array rather than frozen into the code: numba's
