@@ -1,8 +1,12 @@
-r"""A fast, exact S6 selective scan for CPU training: the recurrence streamed chunk by chunk.
+r"""A fast, exact S6 selective scan in pure PyTorch: the recurrence streamed chunk by chunk.
 
-This is the default path of :func:`prot_lib.models.selective_scan.selective_scan` (and so of
-:class:`prot_lib.models.Mamba`); :func:`~prot_lib.models.selective_scan.selective_scan_reference`
-keeps the plain sequential loop for reading and for tests.
+This is the CPU path of :func:`prot_lib.models.selective_scan.selective_scan` where the compiled
+kernels of :mod:`prot_lib.models.numba_scan` are unavailable (numba not importable) or switched off
+(``PROT_LIB_SCAN=torch``), and the path for tensors on other devices. It computes the recurrence
+only, on prepared float32 tensors; :func:`prot_lib.models.selective_scan.selective_scan_chunked`
+wraps it in mamba-ssm's ``selective_scan_ref`` contract (delta bias and softplus, D skip, silu gate).
+:func:`~prot_lib.models.selective_scan.selective_scan_reference` keeps the plain sequential loop for
+reading and for tests.
 
 The recurrence (Gu & Dao 2023, "Mamba", Algorithm 2 with eq. 2a and 4; mamba-ssm's
 ``selective_scan_ref``), per batch element, channel d and state n, written with the paper's
@@ -67,12 +71,11 @@ tensor is ever held.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
-ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
 
 # Elements (T * batch * d_inner * d_state) of one chunk buffer that the default chunk length aims at:
 # large enough that the per-chunk ops amortise Python overhead, small enough that the chunk buffers
@@ -219,54 +222,25 @@ class _ChunkedScanFn(torch.autograd.Function):
         return g_dt, g_xt, g_At, g_Bt, g_Ct, None
 
 
-def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                           D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                           delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                           return_last_state: bool = False,
-                           chunk_size: Optional[int] = None) -> ScanOut:
-    """S6 selective scan, chunked with a hand-written adjoint; exact to float32 round-off.
-
-    Same contract as :func:`prot_lib.models.selective_scan.selective_scan_reference` and
-    ``mamba_ssm.ops.selective_scan_interface.selective_scan_ref`` (mamba-ssm 2.3.2); the delta
-    bias and softplus, the D skip and the silu(z) gate are the reference's own torch ops around the
-    chunked recurrence.
+def chunked_recurrence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The S6 recurrence, chunked with a hand-written adjoint; exact to float32 round-off.
 
     Args:
-        u: (batch, d_inner, L) input sequence (the paper's x), any float dtype.
-        delta: (batch, d_inner, L) step size before bias/softplus (the paper's Delta).
-        A: (d_inner, d_state) diagonal state matrix, negative for a stable (decaying) scan.
-        B: (batch, d_state, L) input-dependent input matrix. A 2-D time-invariant (d_inner, d_state)
-            B or C is handled by the unbind loop (:func:`~.selective_scan.selective_scan_unbind`).
-        C: (batch, d_state, L) input-dependent output matrix.
-        D: (d_inner,) skip connection, optional.
-        z: (batch, d_inner, L) gate, optional; the output is multiplied by silu(z).
-        delta_bias: (d_inner,) added to delta before softplus, optional.
-        delta_softplus: apply softplus to delta (+ bias).
-        return_last_state: also return the final state h_L.
+        u, delta: (batch, d_inner, L) float32, delta already biased and softplus'd.
+        A: (d_inner, d_state) float32.
+        B, C: (batch, d_state, L) float32 (input-dependent).
         chunk_size: steps per chunk T; None picks :func:`default_chunk_size`. Any T >= 1 gives the
             same result up to float32 round-off.
 
     Returns:
-        out: (batch, d_inner, L) in u's dtype (computed in float32); with ``return_last_state``,
-        also last_state: (batch, d_inner, d_state) float32.
+        y: (batch, d_inner, L) float32 with y_t = C_t . h_t; last_state: (batch, d_inner, d_state).
 
     Raises:
-        ValueError: a shape does not match the contract (the message names the argument), or
-            ``chunk_size`` < 1.
+        ValueError: ``chunk_size`` < 1.
     """
-    # Imported here, not at module level: selective_scan imports this module at its end, and a
-    # module-level import back would make the import order decide whether the fast path loads.
-    from .selective_scan import _check_shapes, _finish, _prepare, selective_scan_unbind
-
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if B.dim() != 3 or C.dim() != 3:
-        return selective_scan_unbind(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                     delta_softplus=delta_softplus,
-                                     return_last_state=return_last_state)
-    dtype_in = u.dtype
-    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     T = max(1, min(L, int(chunk_size) if chunk_size is not None
@@ -281,7 +255,4 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         y, last = _ChunkedScanFn.apply(dt, xt, At, Bt, Ct, T)
     else:  # inference: nothing to save
         y, last, _ = _scan_forward(dt, xt, At, Bt, Ct, T, save_states=False)
-    out = _finish(y.permute(1, 2, 0).contiguous(), u, D, z, dtype_in)
-    if not return_last_state:
-        return out
-    return out, last.transpose(1, 2).contiguous()
+    return y.permute(1, 2, 0), last.transpose(1, 2).contiguous()

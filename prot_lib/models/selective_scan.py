@@ -6,28 +6,49 @@ For each channel d and state n the recurrence is, with zero-order-hold discretis
     y_t = C_t . h_t + D * u_t                                       (output, (d_inner,))
     out = y * silu(z)                                               (optional gate)
 
-Two implementations share one contract, that of mamba-ssm's
+Every implementation here shares one contract, that of mamba-ssm's
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_ref``:
 
 - :func:`selective_scan_reference`: the readable sequential loop, written as the reference is
   (including its per-step indexing ``deltaA[:, :, i]``), kept for reading and for tests.
-- :func:`selective_scan`: the path the models use. It is the fast exact scan of
-  :mod:`prot_lib.models.chunked_scan` where that module is present, else the same loop with
-  ``.unbind`` indexing (bit-identical to the reference, much faster to differentiate: indexing
-  inside a loop makes autograd build a full-size zero gradient per step).
+- :func:`selective_scan_unbind`: the same loop with ``.unbind`` indexing (bit-identical to the
+  reference, much faster to differentiate: indexing inside a loop makes autograd build a full-size
+  zero gradient per step); the path for time-invariant (2-D) B and C.
+- :func:`selective_scan_numba`: the recurrence and its adjoint as compiled CPU kernels
+  (:mod:`prot_lib.models.numba_scan`); needs numba.
+- :func:`selective_scan_chunked`: the recurrence streamed chunk by chunk with torch ops and a
+  hand-written adjoint (:mod:`prot_lib.models.chunked_scan`); pure PyTorch, any device.
+- :func:`selective_scan`: the path the models use: the numba kernels for CPU tensors where numba
+  imports, else the chunked scan (:func:`scan_backend` says which; ``PROT_LIB_SCAN=torch`` forces
+  the chunked scan, ``PROT_LIB_SCAN=numba`` makes a missing numba an error).
+
+Dependencies run one way: this module wraps the recurrences of ``chunked_scan`` and ``numba_scan``
+(which know nothing of it) in the contract's delta bias and softplus, D skip and silu gate.
 
 Since exp(delta*A) lies in (0, 1] for delta >= 0 and A < 0, the scan itself cannot overflow; large
 outputs come from large inputs (u, delta, B, C), which is the story of the book.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import logging
+import os
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import numba_scan
+from .chunked_scan import chunked_recurrence
+
+logger = logging.getLogger(__name__)
+
 Tensor = torch.Tensor
 ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
+
+#: Environment variable choosing the CPU scan: "auto" (default), "numba" or "torch".
+SCAN_ENV = "PROT_LIB_SCAN"
+SCAN_CHOICES = ("auto", "numba", "torch")
+_LOGGED_FALLBACK: set = set()
 
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -157,6 +178,106 @@ def selective_scan_unbind(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return (out, x) if return_last_state else out
 
 
+def _with_contract(recurrence: Callable[..., Tuple[Tensor, Tensor]], u: Tensor, delta: Tensor,
+                   A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                   delta_bias: Optional[Tensor], delta_softplus: bool,
+                   return_last_state: bool) -> ScanOut:
+    """Run ``recurrence(u, delta, A, B, C) -> (y, last_state)`` on prepared float32 inputs inside
+    the reference's contract (shape checks, delta bias and softplus, D skip, silu gate, dtype).
+    Time-invariant (2-D) B or C go to :func:`selective_scan_unbind`."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if B.dim() != 3 or C.dim() != 3:
+        return selective_scan_unbind(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus,
+                                     return_last_state=return_last_state)
+    dtype_in = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, last = recurrence(u, delta, A, B, C)
+    out = _finish(y, u, D, z, dtype_in)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                           return_last_state: bool = False,
+                           chunk_size: Optional[int] = None) -> ScanOut:
+    """S6 selective scan with the pure-PyTorch chunked recurrence (:mod:`.chunked_scan`); exact to
+    float32 round-off, any device.
+
+    Same arguments, returns and errors as :func:`selective_scan_reference`, plus ``chunk_size``
+    (steps per chunk T; None picks :func:`.chunked_scan.default_chunk_size`; ValueError if < 1).
+    Time-invariant (2-D) B or C are handled by :func:`selective_scan_unbind`.
+    """
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _with_contract(lambda *a: chunked_recurrence(*a, chunk_size=chunk_size), u, delta, A, B,
+                          C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                         delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False,
+                         chunk_size: Optional[int] = None) -> ScanOut:
+    """S6 selective scan with the compiled CPU kernels (:mod:`.numba_scan`); exact to float32
+    round-off.
+
+    Same arguments, returns and errors as :func:`selective_scan_reference`, plus ``chunk_size``
+    (steps between the states saved for the backward; default 32; ValueError if < 1). Time-invariant
+    (2-D) B or C are handled by :func:`selective_scan_unbind`.
+
+    Raises:
+        RuntimeError: numba cannot be imported (the message says why), or a tensor is not on the CPU.
+    """
+    if not numba_scan.AVAILABLE:
+        raise RuntimeError(f"selective_scan_numba needs numba, which cannot be imported "
+                           f"({numba_scan.UNAVAILABLE_REASON}); use selective_scan_chunked")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if u.device.type != "cpu":
+        raise RuntimeError(f"selective_scan_numba runs on CPU tensors only, got device {u.device}")
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if B.dim() != 3 or C.dim() != 3:
+        return selective_scan_unbind(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus,
+                                     return_last_state=return_last_state)
+    dtype_in = u.dtype
+    f32 = [None if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    # the kernels do the contract's ops too (bias, softplus, D skip, gate), in _prepare's and
+    # _finish's order, so that no (batch, d_inner, L) intermediate goes through memory
+    out, last = numba_scan.numba_scan(*f32, delta_softplus=delta_softplus, chunk_size=chunk_size)
+    out = out.to(dtype=dtype_in)
+    return (out, last) if return_last_state else out
+
+
+def scan_backend(device: Union[str, torch.device] = "cpu") -> str:
+    """The recurrence :func:`selective_scan` runs for tensors on ``device``: "numba" or "torch".
+
+    Read from ``$PROT_LIB_SCAN`` at each call: "auto" (default; numba on CPU where it imports,
+    else torch, logged once), "numba" (an error where numba cannot be imported), "torch" (the
+    pure-PyTorch chunked scan). Tensors on other devices always use "torch".
+
+    Raises:
+        ValueError: ``$PROT_LIB_SCAN`` is none of "auto", "numba", "torch".
+        RuntimeError: ``PROT_LIB_SCAN=numba`` and numba cannot be imported.
+    """
+    choice = os.environ.get(SCAN_ENV, "auto").strip().lower() or "auto"
+    if choice not in SCAN_CHOICES:
+        raise ValueError(f"{SCAN_ENV} must be one of {SCAN_CHOICES}, got {choice!r}")
+    if choice == "torch" or torch.device(device).type != "cpu":
+        return "torch"
+    if numba_scan.AVAILABLE:
+        return "numba"
+    if choice == "numba":
+        raise RuntimeError(f"{SCAN_ENV}=numba, but numba cannot be imported ({numba_scan.UNAVAILABLE_REASON})")
+    if not _LOGGED_FALLBACK:
+        _LOGGED_FALLBACK.add(True)
+        logger.warning("numba cannot be imported (%s): the selective scan uses the slower pure-PyTorch "
+                       "chunked scan (pip install numba for the compiled one).", numba_scan.UNAVAILABLE_REASON)
+    return "torch"
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
@@ -164,15 +285,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """The S6 selective scan used by :class:`prot_lib.models.Mamba`.
 
     Same contract as :func:`selective_scan_reference` (and mamba-ssm's ``selective_scan_ref``):
-    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
-    D, delta_bias: (d_inner,). Returns (batch, d_inner, L), plus the last state
-    (batch, d_inner, d_state) when ``return_last_state``. Computed in float32.
+    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L) or
+    time-invariant (d_inner, d_state); D, delta_bias: (d_inner,). Returns (batch, d_inner, L), plus
+    the last state (batch, d_inner, d_state) when ``return_last_state``. Computed in float32 by
+    :func:`selective_scan_numba` or :func:`selective_scan_chunked`, as :func:`scan_backend` says.
+
+    Raises:
+        ValueError: a shape does not match the contract, or ``$PROT_LIB_SCAN`` is unknown.
+        RuntimeError: ``PROT_LIB_SCAN=numba`` without an importable numba.
     """
-    return _fast_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                      delta_softplus=delta_softplus, return_last_state=return_last_state)
-
-
-try:  # the chunked autograd scan (issue: fast exact CPU scan); falls back to the unbind loop
-    from .chunked_scan import selective_scan_chunked as _fast_scan  # noqa: E402
-except ImportError:  # pragma: no cover - only while the chunked scan is absent
-    _fast_scan = selective_scan_unbind
+    fn = selective_scan_numba if scan_backend(u.device) == "numba" else selective_scan_chunked
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              return_last_state=return_last_state)
