@@ -91,7 +91,7 @@ class FiniteCheckpoint(ModelCheckpoint, *CHECKPOINT_MARKERS):  # type: ignore[mi
         self._verdict: Tuple[int, Optional[str]] = (-1, None)
 
     def nonfinite_reason(self, trainer, monitor_candidates: Optional[Dict[str, Any]] = None) -> Optional[str]:
-        """Why the current state must not be saved (e.g. ``"weights: model.head.weight"``), or None."""
+        """Why the current state must not be saved (e.g. ``"weights.model.head.weight"``), or None."""
         step = int(trainer.global_step)
         if self._verdict[0] != step:
             module = trainer.lightning_module
