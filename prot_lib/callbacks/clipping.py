@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from ..compat import Callback
-from ..diagnostics.grads import forget, pre_clip_grad_norms
+from ..diagnostics.grads import forget, pre_clip_grad_norms, track
 
 ZCLIP_MODES = ("reciprocal", "max", "mean")
 ALGORITHMS = ("autoclip", "zclip")
@@ -265,6 +265,9 @@ class AdaptiveGradientClipping(Callback):
                         ZClip(alpha=alpha, z_thresh=z_thresh, warmup_steps=warmup_steps, mode=mode, eps=eps))
         self._log = log
         self.last_threshold = math.nan
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        track(pl_module)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         forget(pl_module)

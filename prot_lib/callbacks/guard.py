@@ -28,11 +28,10 @@ step: ``training_step``, ``on_before_backward(loss)``, backward, ``on_after_back
 ``plugins/precision/precision.py: Precision._after_closure``). The guard keeps a reference to the loss
 in ``on_before_backward`` and decides in ``on_before_optimizer_step``: before Lightning clips, so it
 sees the pre-clip gradients, and before the update, so it can still drop it. The check is one fused
-reduction: the total gradient norm (per-tensor ``_foreach_norm``, summed in float64:
-:mod:`prot_lib.diagnostics.grads`; shared with :class:`~prot_lib.callbacks.GradNormMonitor` and
-:class:`~prot_lib.callbacks.AdaptiveGradientClipping`) and the loss, tested with one
-``torch.isfinite(...)`` and one host sync. A float32 overflow of the norm alone (finite gradients, norm
-above ~1.8e19) is not a non-finite step. Only a non-finite step pays for a copy of the model and a
+reduction: the total gradient norm (accumulated in float64: :mod:`prot_lib.diagnostics.grads`; shared
+with :class:`~prot_lib.callbacks.GradNormMonitor` and :class:`~prot_lib.callbacks.AdaptiveGradientClipping`)
+plus the loss, tested with one ``torch.isfinite`` and one host sync. A float32 overflow of the norm
+alone (finite gradients, norm above ~1.8e19) is not a non-finite step. Only a non-finite step pays for a copy of the model and a
 replay. ``benchmarks/bench_guards.py`` measures the cost.
 
 **"Last good" state (rollback)**: the weights and optimizer state a *finite* step started from, copied
@@ -55,7 +54,7 @@ import torch
 from ..compat import Callback
 from ..diagnostics.autopsy import (AutopsyReport, NonFiniteTrainingError, autopsy, bundle_path, capture_step,
                                    save_bundle)
-from ..diagnostics.grads import forget, pre_clip_grad_norms
+from ..diagnostics.grads import forget, pre_clip_grad_norms, track
 
 POLICIES = ("stop", "skip", "rollback")
 #: what the guard made of a step (:attr:`NonFiniteGuard.last_action`)
@@ -142,6 +141,9 @@ class NonFiniteGuard(Callback):
         self._good: Dict[int, Dict[str, Any]] = {}      # rollback: id(optimizer) -> last good state
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self, trainer, pl_module) -> None:
+        track(pl_module)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch = batch  # a reference: copied only if the step goes non-finite
 
@@ -154,16 +156,14 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses, self._losses = self._losses, []
         norms = pre_clip_grad_norms(pl_module)
-        finite = torch.isfinite(norms.total)
-        if losses:
-            finite = finite & torch.isfinite(torch.stack([l.reshape(()) for l in losses])).all().to(finite.device)
-        if bool(finite):  # the one host sync of a finite step
+        # one fused check: float64 sum of the total gradient norm and the losses is finite iff all are
+        checked = norms.total
+        for loss in losses:  # a 0-dim loss (Lightning requires a scalar); type promotion to float64
+            checked = checked + loss
+        if bool(torch.isfinite(checked)):  # the one host sync of a finite step
             return self._finite_step(trainer, pl_module, optimizer)
-        loss_ok = all(bool(torch.isfinite(l).all()) for l in losses)
-        grad_ok = norms.finite()  # a float32 overflow of the norm alone is not a non-finite gradient
-        if loss_ok and grad_ok:
-            return self._finite_step(trainer, pl_module, optimizer)
-        reasons = [r for r, ok in (("loss", loss_ok), ("grad", grad_ok)) if not ok]
+        loss_ok = all(bool(torch.isfinite(loss).all()) for loss in losses)
+        reasons = [r for r, ok in (("loss", loss_ok), ("grad", norms.finite())) if not ok]
         self._nonfinite_step(trainer, pl_module, optimizer, reasons)
 
     # ------------------------------------------------------------------ decisions

@@ -23,7 +23,7 @@ import math
 from typing import Dict, Optional
 
 from ..compat import Callback
-from ..diagnostics.grads import GradNorms, forget, grad_norms, pre_clip_grad_norms
+from ..diagnostics.grads import GradNorms, forget, grad_norms, pre_clip_grad_norms, track
 
 BEFORE, AFTER = "grad_norm_before_clip", "grad_norm_after_clip"
 
@@ -56,6 +56,9 @@ class GradNormMonitor(Callback):
         self.last: Dict[str, object] = {}
         self._pending: Optional[GradNorms] = None
         self._step = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        track(pl_module, per_tensor=self.per_parameter)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         forget(pl_module)

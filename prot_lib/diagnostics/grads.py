@@ -4,21 +4,25 @@
 in float32 the squares overflow once a norm exceeds ~1.8e19 (sqrt of float32's max 3.4e38), so the
 total norm is ``inf`` while every gradient element is finite
 (``get_total_norm([torch.full((10,), 1e19)])`` is inf; the true norm is 3.2e19). Counting such a step as
-"non-finite gradient" misplaces the failure (the loss is finite, the weights stay finite). Here each
-tensor's norm is taken by ``torch._foreach_norm`` in its own dtype (one fused kernel, as
-``get_total_norm`` does), the per-tensor norms are summed in float64, and only when a per-tensor norm
-comes out non-finite is that tensor's norm recomputed from a float64 upcast
-(``torch.linalg.vector_norm(g, dtype=torch.float64)``). So a finite step costs what ``get_total_norm``
-costs, and ``inf``/``NaN`` means a gradient element really is ``inf``/``NaN`` (or the norm exceeds
-float64's 1.8e308).
+"non-finite gradient" misplaces the failure (the loss is finite, the weights stay finite). Here every
+norm is accumulated in float64 (``torch.linalg.vector_norm(..., dtype=torch.float64)``,
+``torch._foreach_norm(..., dtype=torch.float64)``): a float32 value squares to at most 1.2e77, far
+below float64's 1.8e308, so ``inf``/``NaN`` means a gradient element really is ``inf``/``NaN``.
 
-**Shared per step.** :func:`pre_clip_grad_norms` computes the norms of a module's gradients once per
-optimizer step and caches them, so :class:`prot_lib.callbacks.NonFiniteGuard`,
+**Cost.** One reduction for the total: on CPU, for up to :data:`CAT_MAX_NUMEL` gradient elements, one
+``vector_norm`` over the concatenated gradients (a CPU ``_foreach_norm`` is a loop of one kernel per
+tensor, several times slower for the many small tensors of a small model); otherwise (GPU, or larger
+models) one fused ``_foreach_norm`` and a norm of the per-tensor norms. Per-parameter norms are computed
+only when asked for (:meth:`GradNorms.as_dict`). ``benchmarks/bench_guards.py`` measures the step cost.
+
+**Shared per step.** :func:`pre_clip_grad_norms` measures a module's gradients once per optimizer step
+and caches the result, so :class:`prot_lib.callbacks.NonFiniteGuard`,
 :class:`~prot_lib.callbacks.GradNormMonitor` and :class:`~prot_lib.callbacks.AdaptiveGradientClipping`
-read the same numbers and the first of them to run (in ``on_before_optimizer_step``, which Lightning
-calls before it clips) fixes them as the *pre-clip* norms. Each of those callbacks calls
-:func:`forget` in ``on_after_backward``, which Lightning calls after every backward and before any
-``on_before_optimizer_step``, so the cache never outlives its step.
+read the same numbers, and the first of them to run (in ``on_before_optimizer_step``, which Lightning
+calls before it clips) fixes them as the *pre-clip* norms. Each of those callbacks calls :func:`forget`
+in ``on_after_backward``, which Lightning calls after every backward and before any
+``on_before_optimizer_step``, so the cache never outlives its step. The list of a module's parameters is
+kept between steps too (:func:`track` refreshes it; the callbacks call it in ``on_fit_start``).
 
 Pure torch: works on any ``nn.Module``.
 """
@@ -26,75 +30,67 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradNorms", "grad_norms", "norms_of_grads", "total_grad_norm", "pre_clip_grad_norms", "forget"]
+__all__ = ["GradNorms", "grad_norms", "norms_of_grads", "total_grad_norm", "pre_clip_grad_norms", "forget",
+           "track", "CAT_MAX_NUMEL"]
+
+#: on CPU, gradients with at most this many elements in all are concatenated for one norm kernel
+CAT_MAX_NUMEL = 1 << 22
 
 
-def _per_tensor_norms(grads: Sequence[Tensor]) -> Tensor:
-    """(n,) float64 L2 norms of ``grads``, in order; one ``_foreach_norm`` per (device, dtype) group."""
+def _total64(grads: Sequence[Tensor], numel: Optional[int] = None) -> Tensor:
+    """0-dim float64 L2 norm of all ``grads`` as one vector."""
     if not grads:
-        return torch.zeros(0, dtype=torch.float64)
-    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault((g.device, g.dtype), []).append(i)
+        return torch.zeros((), dtype=torch.float64)
     device = grads[0].device
-    out = torch.empty(len(grads), dtype=torch.float64, device=device)
-    for idx in groups.values():
-        norms = torch._foreach_norm([grads[i] for i in idx], 2.0)
-        out[torch.tensor(idx, device=device)] = torch.stack([n.to(device) for n in norms]).double()
-    return out
+    if device.type == "cpu" and (numel if numel is not None else sum(g.numel() for g in grads)) <= CAT_MAX_NUMEL:
+        return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]), dtype=torch.float64)
+    norms = torch._foreach_norm(list(grads), 2.0, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 @dataclass
 class GradNorms:
-    """L2 norms of a set of gradients: per tensor and in total, float64.
+    """L2 norms of a set of gradients, accumulated in float64.
 
     Attributes:
         names: parameter names, one per gradient (``model.head.weight``).
-        per_tensor: (n,) float64 tensor of per-gradient norms (on the gradients' device).
-        total: 0-dim float64 tensor, ``sqrt(sum(per_tensor ** 2))``: the norm of all gradients as one
-            vector (what ``clip_grad_norm_`` measures), without float32 overflow.
+        total: 0-dim float64 tensor: the norm of all gradients as one vector (what ``clip_grad_norm_``
+            measures), without float32 overflow; ``inf``/``NaN`` iff some gradient element is.
     """
 
     names: List[str]
-    per_tensor: Tensor
     total: Tensor
     _grads: Sequence[Tensor] = ()
-    _exact: bool = False
+    _per_tensor: Optional[Tensor] = field(default=None, repr=False)
 
     def finite(self) -> bool:
-        """Is every gradient finite? One host sync. When the fast float32 per-tensor norms say no, the
-        non-finite ones are first recomputed from float64 upcasts, so a float32 overflow of a norm alone
-        answers True."""
-        if bool(torch.isfinite(self.total)):
-            return True
-        self.make_exact()
+        """Is every gradient finite? One host sync."""
         return bool(torch.isfinite(self.total))
 
-    def make_exact(self) -> None:
-        """Recompute every non-finite per-tensor norm in float64 (only those; a no-op when all finite)."""
-        if self._exact:
-            return
-        self._exact = True
-        bad = (~torch.isfinite(self.per_tensor)).nonzero().flatten().tolist()
-        for i in bad:
-            self.per_tensor[i] = torch.linalg.vector_norm(self._grads[i], dtype=torch.float64)
-        if bad:
-            self.total = torch.linalg.vector_norm(self.per_tensor)
-
     def total_value(self) -> float:
-        """The total norm as a Python float (exact: float32 overflows resolved first)."""
-        self.finite()
+        """The total norm as a Python float."""
         return float(self.total)
+
+    @property
+    def per_tensor(self) -> Tensor:
+        """(n,) float64 norms of the gradients, in :attr:`names` order, computed on first use: from the
+        gradients as they are then (:func:`track` with ``per_tensor=True`` takes them before clipping)."""
+        if self._per_tensor is None:
+            if not self._grads:
+                self._per_tensor = torch.zeros(0, dtype=torch.float64)
+            else:
+                norms = torch._foreach_norm(list(self._grads), 2.0, dtype=torch.float64)
+                self._per_tensor = torch.stack([n.to(self._grads[0].device) for n in norms])
+        return self._per_tensor
 
     def as_dict(self) -> Dict[str, float]:
         """``{parameter name: norm}`` as Python floats (one host sync)."""
-        self.make_exact()
         return dict(zip(self.names, self.per_tensor.tolist()))
 
     def largest(self) -> Optional[Tuple[str, float]]:
@@ -106,12 +102,11 @@ class GradNorms:
         return name, d[name]
 
 
-def norms_of_grads(named_grads) -> GradNorms:
+def norms_of_grads(named_grads, numel: Optional[int] = None) -> GradNorms:
     """:class:`GradNorms` of ``(name, gradient tensor)`` pairs."""
     named = list(named_grads)
-    names, grads = [n for n, _ in named], [g.detach() for _, g in named]
-    per = _per_tensor_norms(grads)
-    return GradNorms(names=names, per_tensor=per, total=torch.linalg.vector_norm(per), _grads=grads)
+    grads = [g.detach() for _, g in named]
+    return GradNorms(names=[n for n, _ in named], total=_total64(grads, numel), _grads=grads)
 
 
 def grad_norms(named_parameters) -> GradNorms:
@@ -122,14 +117,27 @@ def grad_norms(named_parameters) -> GradNorms:
 
 def total_grad_norm(parameters) -> Tensor:
     """L2 norm of all gradients of ``parameters`` as one vector: a 0-dim float64 tensor, 0 without
-    gradients; ``inf``/``NaN`` only when a gradient element is (float32 overflow of the squares is
-    resolved). Same quantity as ``torch.nn.utils.get_total_norm`` / ``clip_grad_norm_``'s return value."""
-    g = grad_norms((str(i), p) for i, p in enumerate(parameters))
-    g.make_exact()
-    return g.total
+    gradients; ``inf``/``NaN`` only when a gradient element is (no float32 overflow of the squares).
+    Same quantity as ``torch.nn.utils.get_total_norm`` / ``clip_grad_norm_``'s return value."""
+    return _total64([p.grad.detach() for p in parameters if p.grad is not None])
 
 
+_PARAMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[List[str], List[nn.Parameter], int]]" = \
+    weakref.WeakKeyDictionary()
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, GradNorms]" = weakref.WeakKeyDictionary()
+_PER_TENSOR: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def track(module: nn.Module, per_tensor: bool = False) -> None:
+    """(Re)read the list of ``module``'s parameters that :func:`pre_clip_grad_norms` measures.
+    Parameters added to the module after the last call are not measured until it is called again.
+
+    ``per_tensor=True`` (sticky: later calls without it keep it) makes every step's measurement also
+    take the per-parameter norms at once, before anything can clip the gradients in place."""
+    named = list(module.named_parameters())
+    _PARAMS[module] = ([n for n, _ in named], [p for _, p in named], sum(p.numel() for _, p in named))
+    if per_tensor:
+        _PER_TENSOR.add(module)
 
 
 def pre_clip_grad_norms(module: nn.Module) -> GradNorms:
@@ -137,11 +145,22 @@ def pre_clip_grad_norms(module: nn.Module) -> GradNorms:
 
     Call it from ``on_before_optimizer_step`` (after backward, before Lightning clips): the first call
     of a step measures, later calls in the same step read the same object, even after a callback has
-    clipped. Pair with :func:`forget` in ``on_after_backward``.
+    clipped. Pair with :func:`forget` in ``on_after_backward``. Gradients are used as they are (no copy,
+    no ``detach``: a ``.grad`` carries no graph unless backward ran with ``create_graph=True``).
     """
     cached = _CACHE.get(module)
     if cached is None:
-        cached = _CACHE[module] = grad_norms(module.named_parameters())
+        if module not in _PARAMS:
+            track(module)
+        names, params, numel = _PARAMS[module]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # frozen or unused parameters: leave them out
+            names = [n for n, g in zip(names, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+            numel = None
+        cached = _CACHE[module] = GradNorms(names=names, total=_total64(grads, numel), _grads=grads)
+        if module in _PER_TENSOR:
+            cached.per_tensor  # noqa: B018 - measured now: later callbacks may clip in place
     return cached
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ..compat import Callback
-from .grads import forget, pre_clip_grad_norms
+from .grads import forget, pre_clip_grad_norms, track
 from .trace import tensor_stats
 
 
@@ -91,6 +91,7 @@ class NonfiniteSnapshot(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._pending = None
+        track(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.snapshot is not None:
