@@ -30,7 +30,7 @@ in ``on_before_backward`` and decides in ``on_before_optimizer_step``: before Li
 sees the pre-clip gradients, and before the update, so it can still drop it. The check is one fused
 reduction: the total gradient norm (accumulated in float64: :mod:`prot_lib.diagnostics.grads`; shared
 with :class:`~prot_lib.callbacks.GradNormMonitor` and :class:`~prot_lib.callbacks.AdaptiveGradientClipping`)
-plus the loss, tested with one ``torch.isfinite`` and one host sync. A float32 overflow of the norm
+and the loss, each read once as a Python float (``math.isfinite``). A float32 overflow of the norm
 alone (finite gradients, norm above ~1.8e19) is not a non-finite step. Only a non-finite step pays for a copy of the model and a
 replay. ``benchmarks/bench_guards.py`` measures the cost.
 
@@ -46,6 +46,7 @@ the last micro-batch.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -156,14 +157,12 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses, self._losses = self._losses, []
         norms = pre_clip_grad_norms(pl_module)
-        # one fused check: float64 sum of the total gradient norm and the losses is finite iff all are
-        checked = norms.total
-        for loss in losses:  # a 0-dim loss (Lightning requires a scalar); type promotion to float64
-            checked = checked + loss
-        if bool(torch.isfinite(checked)):  # the one host sync of a finite step
+        # one reduction (the float64 total gradient norm, shared) and one read of it and of the loss
+        grad_ok = math.isfinite(norms.total_value())
+        loss_ok = all(math.isfinite(float(loss)) for loss in losses)  # 0-dim: Lightning requires a scalar
+        if grad_ok and loss_ok:
             return self._finite_step(trainer, pl_module, optimizer)
-        loss_ok = all(bool(torch.isfinite(loss).all()) for loss in losses)
-        reasons = [r for r, ok in (("loss", loss_ok), ("grad", norms.finite())) if not ok]
+        reasons = [r for r, ok in (("loss", loss_ok), ("grad", grad_ok)) if not ok]
         self._nonfinite_step(trainer, pl_module, optimizer, reasons)
 
     # ------------------------------------------------------------------ decisions

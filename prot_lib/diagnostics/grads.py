@@ -68,14 +68,17 @@ class GradNorms:
     total: Tensor
     _grads: Sequence[Tensor] = ()
     _per_tensor: Optional[Tensor] = field(default=None, repr=False)
+    _value: Optional[float] = field(default=None, repr=False)
 
     def finite(self) -> bool:
-        """Is every gradient finite? One host sync."""
-        return bool(torch.isfinite(self.total))
+        """Is every gradient finite? (One host sync, shared with :meth:`total_value`.)"""
+        return math.isfinite(self.total_value())
 
     def total_value(self) -> float:
-        """The total norm as a Python float."""
-        return float(self.total)
+        """The total norm as a Python float (read from the tensor once)."""
+        if self._value is None:
+            self._value = float(self.total)
+        return self._value
 
     @property
     def per_tensor(self) -> Tensor:
