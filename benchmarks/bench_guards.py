@@ -12,6 +12,8 @@ thread, batch 32 of Ishigami, AdamW/Adam, on two models:
 Variants (each is the module as is, plus):
 
 - ``none``: nothing. No gradient norm is measured at all (the Trainer's clipping measures its own).
+- ``empty`` (reference): a callback that does nothing, in ``trainer.callbacks``: what Lightning's dispatch of
+  every hook to one more callback costs, whatever the callback does.
 - ``ours``: :class:`prot_lib.callbacks.NonFiniteGuard` ``("stop")`` in ``trainer.callbacks``: Lightning
   dispatches every hook to it, it keeps the batch by reference (autopsy armed) and runs its one fused
   check (per-tensor ``_foreach_norm`` summed in float64, and the loss; one host sync). The autopsy
@@ -65,9 +67,10 @@ from prot_lib.data import load_dataset  # noqa: E402
 from prot_lib.training.config import config_from_dict  # noqa: E402
 from prot_lib.training.module import NaNStudyModule  # noqa: E402
 
-VARIANTS = {"book": ("none", "writeup", "ours", "anomaly", "rollback"), "plain": ("none", "ours", "anomaly")}
+VARIANTS = {"book": ("none", "empty", "writeup", "ours", "anomaly", "rollback"),
+            "plain": ("none", "empty", "ours", "anomaly")}
 GOAL = 1.02
-LABELS = {"none": "no checks", "writeup": "write-up per-parameter loop", "ours": "ours: NonFiniteGuard, autopsy armed",
+LABELS = {"none": "no checks", "empty": "(reference) an empty callback", "writeup": "write-up per-parameter loop", "ours": "ours: NonFiniteGuard, autopsy armed",
           "anomaly": "torch.autograd.detect_anomaly", "rollback": "(extra) rollback copy every step"}
 
 
@@ -191,7 +194,8 @@ def run(model: str, steps: int, warmup_rounds: int) -> dict:
     else:
         module = TransformerRegressor(n_features=data.x.shape[-1])
     variants = VARIANTS[model]
-    guards = {"ours": NonFiniteGuard("stop"), "rollback": NonFiniteGuard("rollback", rollback_every=1)}
+    guards = {"ours": NonFiniteGuard("stop"), "rollback": NonFiniteGuard("rollback", rollback_every=1),
+              "empty": pl.Callback()}
     guards["ours"]._timer = HookTimer(guards["ours"])
     end = Stop()
     cb = Interleave(variants, {k: g for k, g in guards.items() if k in variants}, end, warmup_rounds, steps)

@@ -9,6 +9,9 @@
   bundle are printed (``--json``: ``first_dropped_step``, ``autopsy_verdict``, ``bundle`` per fold).
 - ``python -m prot_lib autopsy BUNDLE.pt [--json]``: replay a repro bundle and print its autopsy report.
 - ``python -m prot_lib data regenerate [--out DIR]``: rewrite the shipped data files.
+
+The library is imported inside the functions, not at the top: ``--help`` and ``data`` do not pay for
+importing torch and Lightning (seconds). The CLI is the top layer, so this dodges no import cycle.
 """
 from __future__ import annotations
 

@@ -166,7 +166,13 @@ def test_rollback_restores_finite_weights_after_a_poisoned_weight(tmp_path):
     assert list(h["action"]) == ["step"] * 4 + ["rollback"] + ["step"] * (len(h) - 5)
     assert h["params_finite"].all() and r.fold_summary(0)["params_finite_end"] is True
     assert h.loc[5, "lr"] == pytest.approx(0.5 * h.loc[3, "lr"])
-    assert (tmp_path / "fold0" / "nonfinite_step4.pt").is_file()
+    bundle = tmp_path / "fold0" / "nonfinite_step4.pt"
+    assert bundle.is_file()
+    # the run result says which step was dropped first, why, and where its bundle is
+    s = r.fold_summary(0)
+    assert (s["n_rollbacks"], s["first_dropped_step"], s["bundle"]) == (1, 4, str(bundle))
+    assert s["autopsy_verdict"] == "`embedding`'s own parameters were already non-finite before the step"
+    assert s["fate"] == "recovered"
 
 
 def test_rollback_lr_cut_survives_the_warmup_schedulers(tmp_path):

@@ -193,3 +193,30 @@ def test_same_config_twice_gives_identical_first_nan_steps_on_dyconex(tmp_path):
     cols = ["fold", "first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step"]
     pd.testing.assert_frame_equal(a.summary[cols], b.summary[cols])
     pd.testing.assert_frame_equal(a.history[LOSS_COLUMNS], b.history[LOSS_COLUMNS])
+
+
+# --- weight decay: mamba-ssm's recipe ------------------------------------------------------------
+
+
+def test_weight_decay_groups_follow_the_mamba_recipe():
+    """No decay on biases (dt_proj.bias included), normalisation weights, A_log and D; decay on the rest."""
+    from prot_lib.training import NaNStudyModule, config_from_dict
+
+    cfg = config_from_dict({"model": {"n_layers": 2, "norm": "layernorm"}, "training": {"weight_decay": 0.1}})
+    module = NaNStudyModule(cfg, n_features=4)
+    opt = module.configure_optimizers()["optimizer"]
+    decay, exempt = opt.param_groups
+    assert (decay["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+    layer0 = sorted(n.split("layers.0.")[1] for n in decay["names"] if "layers.0." in n)
+    assert layer0 == [f"{d}.{w}.weight" for d in ("bwd", "fwd") for w in ("conv1d", "dt_proj", "in_proj", "out_proj", "x_proj")]
+    assert [n for n in decay["names"] if "bimamba" not in n] == ["model.embedding.weight", "model.head.weight"]
+    for name in ("fwd.dt_proj.bias", "fwd.A_log", "fwd.D", "bwd.conv1d.bias", "norm.weight", "norm.bias"):
+        assert f"model.bimamba.layers.1.{name}" in exempt["names"], name
+    assert "model.embedding.bias" in exempt["names"] and "model.head.bias" in exempt["names"]
+    # every parameter in exactly one group, groups and names aligned
+    named = dict(module.named_parameters())
+    assert sorted(decay["names"] + exempt["names"]) == sorted(named)
+    for g in (decay, exempt):
+        assert all(named[n] is p for n, p in zip(g["names"], g["params"]))
+    # only 2-D-or-more weights are decayed here: every exempt tensor is a bias, a norm weight, A_log or D
+    assert all(named[n].dim() >= 2 for n in decay["names"])
