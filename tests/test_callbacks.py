@@ -184,7 +184,7 @@ def test_monitor_sees_the_pre_clip_norm_with_gradient_clip_val(ns, tmp_path):
     assert min(before) > 0.05 and max(after) <= 0.05 * (1 + 1e-5)
     per = rows[0]["before"]
     assert set(per) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
-    assert math.sqrt(sum(v * v for v in per.values())) == pytest.approx(before[0], rel=1e-9)
+    assert math.sqrt(sum(v * v for v in per.values())) == pytest.approx(before[0], rel=1e-6)  # float32 total
     import pandas as pd
     m = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["grad_norm_before_clip"])
     assert m["step"].tolist() == list(range(6))

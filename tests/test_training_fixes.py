@@ -142,7 +142,8 @@ def test_writeup_monitoring_sees_pre_clip_norms(tmp_path):
     # per-parameter norms recombine to the totals, before and after clipping
     per = pgn[pgn["param"] != "total"].groupby("step")[["grad_norm_before_clip", "grad_norm_after_clip"]].apply(
         lambda v: np.sqrt((v.astype(float) ** 2).sum()))
-    np.testing.assert_allclose(per["grad_norm_before_clip"], h["grad_norm_before_clip"], rtol=1e-6)
+    # per-parameter norms are float64, the total a float32 reduction (relative error ~1e-6 over 27k elements)
+    np.testing.assert_allclose(per["grad_norm_before_clip"], h["grad_norm_before_clip"], rtol=1e-5)
     np.testing.assert_allclose(per["grad_norm_after_clip"], h["grad_norm_after_clip"], rtol=1e-5)
     assert (per.loc[clipped[clipped].index, "grad_norm_after_clip"] <= CLIP * (1 + 1e-5)).all()
     # the same numbers are logged, under names that say pre or post clip

@@ -272,6 +272,9 @@ class AdaptiveGradientClipping(Callback):
     def on_after_backward(self, trainer, pl_module) -> None:
         forget(pl_module)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        forget(pl_module)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         norms = pre_clip_grad_norms(pl_module)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]

@@ -154,6 +154,9 @@ class NonFiniteGuard(Callback):
     def on_after_backward(self, trainer, pl_module) -> None:
         forget(pl_module)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        forget(pl_module)  # let the gradients go with the next zero_grad, as without the guard
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses, self._losses = self._losses, []
         norms = pre_clip_grad_norms(pl_module)

@@ -72,6 +72,7 @@ class GradNormMonitor(Callback):
         if before is None:  # no optimizer step in this batch (gradient accumulation)
             return
         self._pending = None
+        forget(pl_module)
         after = grad_norms(pl_module.named_parameters())
         last: Dict[str, object] = {"step": self._step, BEFORE: before.total_value(),
                                    AFTER: after.total_value() if after.names else 0.0}

@@ -4,16 +4,18 @@
 in float32 the squares overflow once a norm exceeds ~1.8e19 (sqrt of float32's max 3.4e38), so the
 total norm is ``inf`` while every gradient element is finite
 (``get_total_norm([torch.full((10,), 1e19)])`` is inf; the true norm is 3.2e19). Counting such a step as
-"non-finite gradient" misplaces the failure (the loss is finite, the weights stay finite). Here every
-norm is accumulated in float64 (``torch.linalg.vector_norm(..., dtype=torch.float64)``,
-``torch._foreach_norm(..., dtype=torch.float64)``): a float32 value squares to at most 1.2e77, far
-below float64's 1.8e308, so ``inf``/``NaN`` means a gradient element really is ``inf``/``NaN``.
+"non-finite gradient" misplaces the failure (the loss is finite, the weights stay finite). Here a norm
+that comes out non-finite in float32 is recomputed in float64 (``torch.linalg.vector_norm(...,
+dtype=torch.float64)``, ``torch._foreach_norm(..., dtype=torch.float64)``): a float32 value squares to
+at most 1.2e77, far below float64's 1.8e308, so ``inf``/``NaN`` then means a gradient element really is
+``inf``/``NaN``.
 
 **Cost.** One reduction for the total: on CPU, for up to :data:`CAT_MAX_NUMEL` gradient elements, one
-``vector_norm`` over the concatenated gradients (a CPU ``_foreach_norm`` is a loop of one kernel per
-tensor, several times slower for the many small tensors of a small model); otherwise (GPU, or larger
-models) one fused ``_foreach_norm`` and a norm of the per-tensor norms. Per-parameter norms are computed
-only when asked for (:meth:`GradNorms.as_dict`). ``benchmarks/bench_guards.py`` measures the step cost.
+float32 ``vector_norm`` over the concatenated gradients (a CPU ``_foreach_norm`` is a loop of one kernel
+per tensor, slower for the many small tensors of a small model), redone in float64 only when it is not
+finite; otherwise (GPU, or larger models) one fused ``_foreach_norm`` accumulating in float64 and a norm
+of the per-tensor norms. Per-parameter norms are computed only when asked for
+(:meth:`GradNorms.as_dict`). ``benchmarks/bench_guards.py`` measures the step cost.
 
 **Shared per step.** :func:`pre_clip_grad_norms` measures a module's gradients once per optimizer step
 and caches the result, so :class:`prot_lib.callbacks.NonFiniteGuard`,
@@ -21,7 +23,8 @@ and caches the result, so :class:`prot_lib.callbacks.NonFiniteGuard`,
 read the same numbers, and the first of them to run (in ``on_before_optimizer_step``, which Lightning
 calls before it clips) fixes them as the *pre-clip* norms. Each of those callbacks calls :func:`forget`
 in ``on_after_backward``, which Lightning calls after every backward and before any
-``on_before_optimizer_step``, so the cache never outlives its step. The list of a module's parameters is
+``on_before_optimizer_step``, so the cache never outlives its step, and again in ``on_train_batch_end``,
+so it holds no gradient past the step (they are freed by the next ``zero_grad``, as without it). The list of a module's parameters is
 kept between steps too (:func:`track` refreshes it; the callbacks call it in ``on_fit_start``).
 
 Pure torch: works on any ``nn.Module``.
@@ -49,19 +52,26 @@ def _total64(grads: Sequence[Tensor], numel: Optional[int] = None) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
     device = grads[0].device
     if device.type == "cpu" and (numel if numel is not None else sum(g.numel() for g in grads)) <= CAT_MAX_NUMEL:
-        return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]), dtype=torch.float64)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if flat.dtype == torch.float64:
+            return torch.linalg.vector_norm(flat)
+        # float32 first (no upcast copy); only a non-finite result, i.e. an overflow or a real inf/NaN,
+        # is recomputed in float64. One host sync either way (the caller reads the value anyway).
+        n = torch.linalg.vector_norm(flat)
+        return n.double() if math.isfinite(float(n)) else torch.linalg.vector_norm(flat, dtype=torch.float64)
     norms = torch._foreach_norm(list(grads), 2.0, dtype=torch.float64)
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 @dataclass
 class GradNorms:
-    """L2 norms of a set of gradients, accumulated in float64.
+    """L2 norms of a set of gradients, free of float32 overflow.
 
     Attributes:
         names: parameter names, one per gradient (``model.head.weight``).
         total: 0-dim float64 tensor: the norm of all gradients as one vector (what ``clip_grad_norm_``
-            measures), without float32 overflow; ``inf``/``NaN`` iff some gradient element is.
+            measures), without float32 overflow; ``inf``/``NaN`` iff some gradient element is (or the
+            norm exceeds float64's range, 1.8e308).
     """
 
     names: List[str]

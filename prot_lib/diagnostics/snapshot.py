@@ -116,6 +116,7 @@ class NonfiniteSnapshot(Callback):
             self._pending["grad_finite"] = pre_clip_grad_norms(pl_module).finite()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        forget(pl_module)
         pending = self._pending
         if self.snapshot is not None or pending is None or trainer.global_step == pending["step"]:
             return

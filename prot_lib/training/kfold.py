@@ -272,7 +272,10 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         :class:`KFoldResult`.
 
     Raises:
-        prot_lib.data.DataError: the dataset files are missing or malformed.
+        prot_lib.data.DataError: the dataset files are missing or malformed, or ``training.data_guard``
+            met a non-finite input or target (the message names batch, row and feature).
+        prot_lib.callbacks.NonFiniteTrainingError: ``training.on_nonfinite`` stopped a fold (``stop``, or
+            ``max_consecutive_skips`` dropped steps in a row); ``err.report`` is the autopsy.
     """
     t = config.training
     fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
