@@ -1,7 +1,9 @@
 """prot_lib: how NaN losses arise when training Mamba (S6) models with PyTorch Lightning, and how to fix them.
 
-Folders name the parts: ``data`` (what goes in), ``models`` (the S6 math), ``training`` (config,
-Lightning module, k-fold), ``diagnostics`` (finding where a NaN was born), ``viz`` (plots, widgets).
+Folders name the parts: ``data`` (what goes in), ``models`` (the S6 math), ``diagnostics`` (finding
+where a NaN was born), ``callbacks`` (the safety nets, for any LightningModule), ``training`` (config,
+Lightning module, k-fold), ``viz`` (plots, widgets). Dependencies run one way, in that order
+(``tests/test_layers.py``).
 The most used names are importable from the top level lazily (``from prot_lib import run_kfold``).
 """
 from importlib import import_module

@@ -4,15 +4,18 @@
   (with one fix, or all) and print a per-fold table (or JSON: a list of per-fold summaries).
 - ``python -m prot_lib run CONFIG.yaml [--json]``: run any config file.
 - ``reproduce``/``run`` ``--on-nonfinite continue|stop|skip|rollback`` overrides ``training.on_nonfinite``;
-  when training stops on a non-finite step, the autopsy report is printed (``--json``: as a dict) and the
-  exit status is 3.
-- ``python -m prot_lib autopsy BUNDLE.pt [--json]``: replay a repro bundle written by a stopped run and
-  print its autopsy report (exit 0: the non-finite value reappeared; 1: the replay stayed finite;
-  2: not a readable bundle).
+  when training stops on a non-finite step, the autopsy report is printed (``--json``: as a dict); when
+  ``skip``/``rollback`` dropped steps, each fold's first dropped step, its autopsy verdict and its repro
+  bundle are printed (``--json``: ``first_dropped_step``, ``autopsy_verdict``, ``bundle`` per fold).
+- ``python -m prot_lib autopsy BUNDLE.pt [--json]``: replay a repro bundle and print its autopsy report.
 - ``python -m prot_lib data regenerate [--out DIR]``: rewrite the shipped data files.
 - ``python -m prot_lib sweep NAME [--engine local|dask] [--scheduler ADDRESS] [--quick] [--out DIR]``: run
   one of the book's sweeps (``prot_lib/configs/sweeps/NAME.yaml``) through the sweep engine
   (:func:`prot_lib.experiments.run_sweep`) and print its tables; an interrupted sweep resumes from DIR.
+
+
+The library is imported inside the functions, not at the top: ``--help`` and ``data`` do not pay for
+importing torch and Lightning (seconds). The CLI is the top layer, so this dodges no import cycle.
 """
 from __future__ import annotations
 
@@ -28,6 +31,29 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+#: exit statuses (also in ``--help`` and the README)
+EXIT_OK = 0
+#: the autopsy's replay of a bundle stayed finite (``autopsy`` only)
+EXIT_NOT_REPRODUCED = 1
+#: bad input: invalid config or arguments, unreadable bundle (argparse's own usage errors are 2 as well)
+EXIT_BAD_INPUT = 2
+#: training stopped by ``training.on_nonfinite`` (stop, or too many skips/rollbacks in a row)
+EXIT_NONFINITE = 3
+#: the run finished but every fold ended dead: non-finite weights or validation metrics at the end
+EXIT_ALL_DEAD = 4
+
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}  success (reproduce/run: at least one fold ended usable; autopsy: the non-finite value reappeared)
+  {EXIT_NOT_REPRODUCED}  autopsy: the replay of the bundle stayed finite
+  {EXIT_BAD_INPUT}  bad input: invalid config file, arguments or bundle
+  {EXIT_NONFINITE}  training stopped at a non-finite step (training.on_nonfinite: stop, or too many
+     skips/rollbacks in a row); the autopsy and the bundle path are printed
+  {EXIT_ALL_DEAD}  every fold ended dead (non-finite weights or validation metrics at the end);
+     the table (or JSON) is printed first"""
+
+_SUMMARY_WIDE = ("autopsy_verdict", "bundle")
+
+
 def _print_result(result, as_json: bool) -> None:
     records = result.to_records()
     if as_json:
@@ -35,17 +61,22 @@ def _print_result(result, as_json: bool) -> None:
         return
     import pandas as pd
 
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
+    with pd.option_context("display.width", 160, "display.max_columns", 40):
         print(f"run: {result.config.name}  (logs: {result.run_dir})")
-        print(result.summary.to_string(index=False))
-        if result.warnings:
-            print("\nLightning warnings:")
-            for w in dict.fromkeys(result.warnings):
-                print("  " + w)
-
-
-#: exit status of a run stopped by ``training.on_nonfinite`` (stop, or too many skips/rollbacks in a row)
-EXIT_NONFINITE = 3
+        print(result.summary.drop(columns=list(_SUMMARY_WIDE)).to_string(index=False))
+    dropped = [r for r in records if r.get("first_dropped_step") is not None]
+    if dropped:
+        print("\nsteps dropped by training.on_nonfinite:")
+        for r in dropped:
+            n = f"{r['n_skipped']} skipped" if r["n_skipped"] else f"{r['n_rollbacks']} rolled back"
+            print(f"  fold {r['fold']}: {n}; first at step {r['first_dropped_step']}: "
+                  f"{r['autopsy_verdict'] or 'no autopsy'}")
+            if r["bundle"]:
+                print(f"    bundle: {r['bundle']}  (replay: python -m prot_lib autopsy {r['bundle']})")
+    if result.warnings:
+        print("\nLightning warnings:")
+        for w in dict.fromkeys(result.warnings):
+            print("  " + w)
 
 
 def _print_nonfinite(err, as_json: bool) -> None:
@@ -65,11 +96,11 @@ def _autopsy(path: str, as_json: bool) -> int:
 
     try:
         report = autopsy_bundle(path)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
+    except (FileNotFoundError, ValueError, ConfigError, ImportError, AttributeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(json.dumps(report.summary(), indent=2) if as_json else str(report))
-    return 0 if report.reproduced else 1
+    return EXIT_OK if report.reproduced else EXIT_NOT_REPRODUCED
 
 
 def _add_sweep_parser(sub, config_dir) -> None:
@@ -111,9 +142,11 @@ def _sweep(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from .training.config import CONFIG_DIR, FIXES, ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m prot_lib", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m prot_lib", description=__doc__.split("\n")[0],
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="run a shipped NaN reproduction, optionally with a fix")
+    sub_kw = dict(epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep = sub.add_parser("reproduce", help="run a shipped NaN reproduction, optionally with a fix", **sub_kw)
     rep.add_argument("dataset", choices=["ishigami", "dyconex"])
     rep.add_argument("--fix", default="none", choices=FIXES)
     rep.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
@@ -122,12 +155,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep.add_argument("--run-dir", help="where CSV logs go (default runs/<name>/<time>-<random>)")
     policies = ["continue", "stop", "skip", "rollback"]
     rep.add_argument("--on-nonfinite", choices=policies, help="override training.on_nonfinite")
-    run = sub.add_parser("run", help="run any config file")
+    run = sub.add_parser("run", help="run any config file", **sub_kw)
     run.add_argument("config")
     run.add_argument("--json", action="store_true")
     run.add_argument("--run-dir")
     run.add_argument("--on-nonfinite", choices=policies, help="override training.on_nonfinite")
-    aut = sub.add_parser("autopsy", help="replay a non-finite step's repro bundle and print its autopsy")
+    aut = sub.add_parser("autopsy", help="replay a non-finite step's repro bundle and print its autopsy", **sub_kw)
     aut.add_argument("bundle", help="a nonfinite_step<N>.pt file from <run_dir>/fold<k>/")
     aut.add_argument("--json", action="store_true")
     data = sub.add_parser("data", help="dataset utilities")
@@ -164,14 +197,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = cfg.updated({"training.on_nonfinite": args.on_nonfinite})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         result = run_kfold(cfg, folds=folds, run_dir=args.run_dir, progress=not args.json and sys.stderr.isatty())
     except NonFiniteTrainingError as err:
         _print_nonfinite(err, args.json)
         return EXIT_NONFINITE
     _print_result(result, args.json)
-    return 0
+    if result.all_dead:
+        print(f"error: every fold ended dead (non-finite weights or validation metrics): "
+              f"folds {result.dead_folds}", file=sys.stderr)
+        return EXIT_ALL_DEAD
+    return EXIT_OK
 
 
 if __name__ == "__main__":

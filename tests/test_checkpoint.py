@@ -1,4 +1,5 @@
-"""training.checkpoint: never a non-finite checkpoint on disk, never a good one replaced by a bad one, atomic writes.
+"""FiniteCheckpoint (training.checkpoint): never a non-finite checkpoint on disk, never a good one replaced by a
+bad one, atomic writes.
 
 The main test is fault injection: 60 short runs, each with one inf/NaN planted in a weight, a gradient
 or Adam's state at a random step, under the worst policy for it (``continue``: the run goes on with a
@@ -14,10 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from prot_lib.utils.io import atomic_torch_save
+from prot_lib.callbacks import FiniteCheckpoint, NonFiniteGuard, first_nonfinite
 from prot_lib.diagnostics.faults import TARGETS, InjectFault
-from prot_lib.training import config_from_dict, run_kfold
-from prot_lib.training.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, NonFiniteCheckpointError,
-                                          first_nonfinite, load_checkpoint)
+from prot_lib.training import config_from_dict, load_checkpoint, run_kfold
 from prot_lib.training.module import NaNStudyModule
 
 N_TRIALS = 60
@@ -37,13 +40,13 @@ def _quiet(monkeypatch):
     torch.set_num_threads(old)
 
 
-def fit(module, dirpath: Path, callbacks=(), x=X, y=Y, seed=0, **ckpt_kw):
+def fit(module, dirpath: Path, callbacks=(), x=X, y=Y, seed=0, plugins=None, **ckpt_kw):
     kw = dict(monitor="train_loss", save_top_k=2, save_last=True, every_n_train_steps=1)
     kw.update(ckpt_kw)
-    ck = FiniteModelCheckpoint(dirpath=dirpath, filename="{step}", enable_version_counter=False, **kw)
+    ck = FiniteCheckpoint(dirpath=dirpath, filename="{step}", enable_version_counter=False, **kw)
     dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=MAX_STEPS, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[*callbacks, ck], plugins=[AtomicCheckpointIO()],
+                         enable_model_summary=False, callbacks=[*callbacks, ck], plugins=plugins,
                          limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
     trainer.fit(module, dl)
     return ck
@@ -55,7 +58,7 @@ def on_disk(dirpath: Path):
     for f in sorted(dirpath.glob("*.ckpt")):
         c = torch.load(f, map_location="cpu", weights_only=False)
         bad = first_nonfinite({"state_dict": c["state_dict"], "optimizer_states": c["optimizer_states"]})
-        score = next(v["current_score"] for k, v in c["callbacks"].items() if k.startswith("FiniteModelCheckpoint"))
+        score = next(v["current_score"] for k, v in c["callbacks"].items() if k.startswith("FiniteCheckpoint"))
         out.append((f.name, c["global_step"], bad, None if score is None else float(score)))
     return out
 
@@ -98,13 +101,12 @@ def test_fault_injection_never_leaves_a_nonfinite_checkpoint(tmp_path):
 
 
 def test_nonfinite_monitored_metric_is_refused_with_finite_weights(tmp_path):
-    # One NaN input row: under on_nonfinite "skip" the weights stay finite, but the logged train_loss of
+    # One NaN input row: under the guard's "skip" the weights stay finite, but the logged train_loss of
     # that batch is NaN, so nothing may be saved at that step; the run goes on and saves again after.
     x = X.clone()
     x[5, 1, 2] = math.nan
-    module = NaNStudyModule(CFG.updated({"training.on_nonfinite": "skip"}), n_features=4)
-    module.bundle_dir = tmp_path / "bundles"  # the skipped step's repro bundle (else: the Trainer's root dir)
-    ck = fit(module, tmp_path, x=x, save_top_k=-1)
+    module = NaNStudyModule(CFG, n_features=4)
+    ck = fit(module, tmp_path, [NonFiniteGuard("skip", bundle_dir=tmp_path / "bundles")], x=x, save_top_k=-1)
     assert len(ck.refused) == 1 and ck.refused[0][1] == "monitored train_loss = nan"
     steps = sorted(gs for _, gs, bad, s in on_disk(tmp_path) if _ != "last.ckpt")
     assert all(bad is None and math.isfinite(s) for _, _, bad, s in on_disk(tmp_path))
@@ -112,28 +114,51 @@ def test_nonfinite_monitored_metric_is_refused_with_finite_weights(tmp_path):
     assert [p.name for p in (tmp_path / "bundles").iterdir()] == [f"nonfinite_step{ck.refused[0][0] - 1}.pt"]
 
 
-def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    atomic_torch_save({"state_dict": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
+        Path(f).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+        atomic_torch_save({"state_dict": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
 
 
-def test_checkpoint_io_refuses_nonfinite_tensors(tmp_path):
-    io = AtomicCheckpointIO()
+class _DiskFullAfter(TorchCheckpointIO):
+    """Lightning's own writer, which writes the target in place: the n-th save writes half a file and fails."""
+
+    def __init__(self, n_ok: int):
+        self.n_ok, self.calls = n_ok, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.calls += 1
+        if self.calls > self.n_ok:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_finite_checkpoint_write_is_atomic_whatever_the_checkpoint_io(tmp_path):
+    # save_top_k=1 + save_last: step 1 writes "step=1.ckpt" and "last.ckpt" (2 saves); step 2's first
+    # save fails half-way: every file on disk is still the complete step-1 checkpoint
+    with pytest.raises(OSError, match="disk full"):
+        fit(NaNStudyModule(CFG, n_features=4), tmp_path, plugins=[_DiskFullAfter(2)], save_top_k=1,
+            monitor=None)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["last.ckpt", "step=1.ckpt"], files  # no temporary file left, no half file
+    for name in files:
+        assert torch.load(tmp_path / name, weights_only=False)["global_step"] == 1
+
+
+def test_first_nonfinite_names_the_tensor():
     bad = {"state_dict": {"w": torch.ones(2)}, "optimizer_states": [{"state": {0: {"exp_avg_sq": torch.tensor([1.0, math.inf])}}}]}
-    with pytest.raises(NonFiniteCheckpointError, match="optimizer_states.0.state.0.exp_avg_sq"):
-        io.save_checkpoint(bad, tmp_path / "x.ckpt")
-    assert os.listdir(tmp_path) == []
+    assert first_nonfinite(bad) == "optimizer_states.0.state.0.exp_avg_sq"
+    assert first_nonfinite({"w": torch.ones(2), "step": torch.tensor(3)}) is None
 
 
 def test_run_kfold_checkpoint_config_writes_loadable_checkpoints(tmp_path):

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 
-from prot_lib.training import ConfigError, reproduction_config, run_kfold
-from prot_lib.training.clipping import AutoClip, ZClip, make_clipper
+from prot_lib.callbacks import AdaptiveGradientClipping, AutoClip, ZClip
+from prot_lib.training import ConfigError, reproduction_config, run_kfold, safety_nets
 
 
 @pytest.fixture(autouse=True)
@@ -135,17 +135,21 @@ def test_zclip_rejects_bad_arguments(kwargs, word):
 # --- config keys ------------------------------------------------------------------------------------
 
 
-def test_config_keys_and_defaults():
-    t = reproduction_config("ishigami").training
+def test_config_keys_and_defaults(tmp_path):
+    cfg = reproduction_config("ishigami")
+    t = cfg.training
     assert (t.autoclip_percentile, t.zclip_z_thresh, t.zclip_alpha, t.zclip_warmup_steps) == (10.0, 2.5, 0.97, 25)
-    assert make_clipper(t) is None and not t.adaptive_clip
-    t = reproduction_config("ishigami").updated({"training.gradient_clip_algorithm": "zclip",
-                                                  "training.zclip_z_thresh": 3.0}).training
-    c = make_clipper(t)
-    assert isinstance(c, ZClip) and c.z_thresh == 3.0 and t.adaptive_clip
-    t = reproduction_config("ishigami").updated({"training.gradient_clip_algorithm": "autoclip",
-                                                  "training.autoclip_percentile": 25}).training
-    assert isinstance(make_clipper(t), AutoClip) and make_clipper(t).percentile == 25.0
+    assert safety_nets(cfg, tmp_path).clipper is None and not t.adaptive_clip
+    cfg = reproduction_config("ishigami", "clip").updated({"training.gradient_clip_algorithm": "zclip",
+                                                            "training.zclip_z_thresh": 3.0})
+    nets = safety_nets(cfg, tmp_path)
+    c = nets.clipper
+    assert isinstance(c, AdaptiveGradientClipping) and isinstance(c.clipper, ZClip) and c.clipper.z_thresh == 3.0
+    assert cfg.training.adaptive_clip and nets.trainer_kwargs["gradient_clip_val"] is None  # not Lightning's
+    cfg = reproduction_config("ishigami").updated({"training.gradient_clip_algorithm": "autoclip",
+                                                   "training.autoclip_percentile": 25})
+    c = safety_nets(cfg, tmp_path).clipper
+    assert isinstance(c.clipper, AutoClip) and c.clipper.percentile == 25.0
 
 
 @pytest.mark.parametrize("key, value", [("training.gradient_clip_algorithm", "adaptive"),

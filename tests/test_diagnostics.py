@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prot_lib.diagnostics import (NonfiniteSnapshot, ScaleRecorder, capture_scan, snapshot_module,
-                                  trace_nonfinite, trace_snapshot)
+from prot_lib.diagnostics import NonfiniteSnapshot, ScaleRecorder, TraceRecorder, capture_scan, trace_nonfinite, trace_step
 from prot_lib.models import Mamba
-from prot_lib.training import NaNStudyModule, reproduction_config, run_kfold
+from prot_lib.training import NaNStudyModule, reproduction_config, run_kfold, snapshot_module, trace_snapshot
 
 
 def _linear(w: float, n_in: int = 1, n_out: int = 1) -> nn.Linear:
@@ -92,6 +91,58 @@ def test_trace_loss_fn_must_return_a_scalar():
         trace_nonfinite(_linear(1.0), torch.ones(2, 1), torch.ones(2, 1), lambda p, t: (p - t) ** 2)
 
 
+class _Functional(nn.Module):
+    """A parameter used functionally (as mamba's dt_proj.bias is): no module hook sees where it enters."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+        self.shift = nn.Parameter(torch.zeros(2))
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(self.inner(x) + self.shift)
+
+
+def test_trace_step_probe_names_a_quantity_inside_a_module():
+    # The hook point for quantities no module hook sees (issue 9 sec. 3): a probe records `inner+shift`
+    # at the moment it is computed. Without the probe the first non-finite value is `head`'s output and
+    # no module "gave birth" to it; with the probe the internal row comes first and says its parameter
+    # was non-finite.
+    model = _Functional()
+    with torch.no_grad():
+        model.shift[1] = float("inf")
+
+    def probe(m, rec: TraceRecorder):
+        def hook(module, args, output):
+            rec.record_internal("<model>:inner+shift", "add", [output + m.shift], inputs=[output],
+                                params_finite=bool(torch.isfinite(m.shift).all()))
+        return _Removing(m.inner.register_forward_hook(hook))
+
+    def loss(m, batch):
+        return nn.functional.mse_loss(m(batch[0]).squeeze(-1), batch[1])
+
+    batch = (torch.ones(3, 2), torch.zeros(3))
+    plain = trace_step(model, loss, batch)
+    assert plain.first_forward == "head" and plain.born_forward is None
+    probed = trace_step(model, loss, batch, probes=[probe])
+    row = probed.first_row("forward")
+    assert (row["name"], row["kind"], row["nonfinite_out"], row["params_finite"], row["born"]) == \
+        ("<model>:inner+shift", "internal", 3, False, False)
+    assert "head" in probed.table["name"].tolist()  # the module rows are all still there, after it
+
+
+class _Removing:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def test_capture_scan_sees_delta_and_a_decay_at_most_one():
     torch.manual_seed(0)
     block = Mamba(d_model=8, d_state=4, backend="torch")
@@ -121,7 +172,7 @@ def test_snapshot_catches_step_zero_of_dyconex_with_the_state_before_it(dyconex_
     s = snap.snapshot
     assert s is not None
     assert (s["fold"], s["step"], s["epoch"]) == (0, 0, 0)
-    assert "loss" in s["reasons"] and "params" in s["reasons"]
+    assert s["reasons"] == ["loss", "grad", "params"]
     # The state before step 0 is the freshly initialised model of fold 0 (run_kfold seeds seed + fold).
     pl.seed_everything(cfg.training.seed + 0, verbose=False)
     fresh = NaNStudyModule(cfg, n_features=s["batch"][0].shape[-1]).state_dict()

@@ -60,17 +60,25 @@ def test_targets_nan_allowed_only_when_masked_inf_never():
         check_finite_batch(x, y, NAMES, allow_missing_targets=True)
 
 
-def test_guarded_loader_yields_the_same_batches_as_tensor_dataset():
+def test_loaders_with_rows_yield_the_same_batches_plus_each_samples_row():
     data = load_dataset("ishigami")
     train_idx, val_idx = fold_indices(len(data), 5, 0)[0]
     plain = make_loaders(data, train_idx, val_idx, 32, seed=3)
-    guarded = make_loaders(data, train_idx, val_idx, 32, seed=3, guard=True)
-    assert isinstance(guarded[0].dataset, GuardedDataset) and isinstance(plain[0].dataset, TensorDataset)
-    for a, b in zip(plain, guarded):
+    with_rows = make_loaders(data, train_idx, val_idx, 32, seed=3, with_rows=True)
+    for a, b in zip(plain, with_rows):
         batches_a, batches_b = list(a), list(b)
         assert len(batches_a) == len(batches_b)
-        for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
+        for (xa, ya), (xb, yb, rows) in zip(batches_a, batches_b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert torch.equal(data.x[rows], xb) and torch.equal(data.y[rows], yb)
+
+
+def test_guarded_dataset_yields_the_same_items_as_tensor_dataset():
+    data = load_dataset("ishigami")
+    rows = fold_indices(len(data), 5, 0)[0][0]
+    guarded = list(DataLoader(GuardedDataset(data, rows), batch_size=64))
+    plain = list(DataLoader(TensorDataset(data.x[rows], data.y[rows]), batch_size=64))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(plain, guarded))
 
 
 def test_guarded_dataset_names_the_row_of_the_full_dataset():
@@ -97,7 +105,8 @@ def test_normalized_dyconex_passes_the_guard():
 def test_data_guard_switch_in_a_run(tmp_path, monkeypatch):
     monkeypatch.delenv("PROT_LIB_CACHE", raising=False)
     cfg = reproduction_config("dyconex").updated({"training.data_guard": True})
-    with pytest.raises(DataError, match=r"non-finite input in sample \d+ \(row id .*\), feature 'value'"):
+    with pytest.raises(DataError, match=r"non-finite input in batch 0 \(epoch 0\), sample \d+ \(row id .*\), "
+                                        r"feature 'value' \(index \d+\), token \d+: nan \(the feature is declared"):
         run_kfold(cfg, folds=[0], max_steps=2, run_dir=tmp_path / "r", progress=False)
     # normalised inputs and masked labels: nothing non-finite reaches the model, the guard is silent
     cfg = reproduction_config("dyconex", "normalize").updated({"training.data_guard": True})

@@ -127,8 +127,9 @@ def test_diffma_18_nan_row_gives_nan_loss_at_its_batch_and_the_guard_names_it(tm
         run_kfold(cfg.updated({"training.data_guard": True}), folds=[0], data=data,
                   max_steps=expected_step + 3, run_dir=tmp_path / "g", progress=False)
     row_id = data.meta["row_ids"][bad_row]
-    assert str(err.value) == (f"non-finite input in sample {bad_row} (row id {row_id!r}), "
-                              f"feature {data.feature_names[2]!r} (index 2), token 1: nan")
+    # the guard names the batch (its index in epoch 0 is the step of the NaN loss), the row and the feature
+    assert str(err.value) == (f"non-finite input in batch {expected_step} (epoch 0), sample {bad_row} "
+                              f"(row id {row_id!r}), feature {data.feature_names[2]!r} (index 2), token 1: nan")
 
 
 # --- simchowitzlabpublic/nano-world-model#22 --------------------------------------------------------

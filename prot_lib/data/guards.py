@@ -8,12 +8,14 @@ row. The guard turns that into an error at the batch that holds the row, before 
     DataError: non-finite input in sample 17 (row id 'C0017'), feature 'value' (index 10), token 3: nan
     (the feature is declared nullable in the dataset: mask it with data.normalize: true)
 
-Where it is wired, and why there: ``training.data_guard: true`` makes
-:func:`prot_lib.training.kfold.make_loaders` wrap the fold's rows in a :class:`GuardedDataset` instead of
-a ``TensorDataset``. The dataset knows which row of the full dataset each item is (and its
-``meta["row_ids"]``); the LightningModule's step only sees a shuffled batch of tensors, so it could say
-*that* a batch is bad but not *which* sample. The batches are otherwise identical (same rows, same
-order), so a clean dataset trains bit for bit the same with the guard on or off.
+Where it is wired: :func:`check_finite_batch` is the one check, behind two doors.
+:class:`prot_lib.callbacks.DataGuard` is a Lightning callback for any model; it checks each batch in
+``on_train_batch_start`` / ``on_validation_batch_start`` and names the batch, the sample and the feature
+(and the dataset row, when the batch carries each sample's row: ``training.data_guard: true`` makes
+:func:`prot_lib.training.kfold.make_loaders` add it as a third tensor, so the message also gives the
+row id). :class:`GuardedDataset` checks at fetch time, for a plain PyTorch loop without Lightning. The
+batches' inputs and targets are the same either way, so a clean dataset trains bit for bit the same
+with the guard on or off.
 
 Missing values, done honestly (how the pieces relate):
 
@@ -34,6 +36,7 @@ Missing values, done honestly (how the pieces relate):
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
@@ -44,59 +47,88 @@ from .base import DataError, SequenceData, as_index
 __all__ = ["DataError", "GuardedDataset", "check_finite_batch"]
 
 
-def _row_label(sample: int, row_ids: Optional[Sequence[Any]]) -> str:
+def _row_label(sample: int, row_ids: Optional[Sequence[Any]], of_batch: bool = False) -> str:
+    label = f"sample {sample}" + (" of the batch" if of_batch else "")
     if row_ids is None:
-        return f"sample {sample}"
-    return f"sample {sample} (row id {row_ids[sample]!r})"
+        return label
+    return f"{label} (row id {row_ids[sample]!r})"
 
 
-def check_finite_batch(x: torch.Tensor, y: Optional[torch.Tensor], feature_names: Sequence[str],
+def _feature_label(f: int, feature_names: Optional[Sequence[str]]) -> str:
+    return f"feature {f}" if feature_names is None else f"feature {feature_names[f]!r} (index {f})"
+
+
+def check_finite_batch(x: torch.Tensor, y: Optional[torch.Tensor], feature_names: Optional[Sequence[str]] = None,
                        nullable_features: Iterable[str] = (), sample_index: Optional[Sequence[int]] = None,
                        row_ids: Optional[Sequence[Any]] = None, allow_missing_targets: bool = False,
-                       declared_nullable: Iterable[str] = ()) -> None:
+                       declared_nullable: Iterable[str] = (), batch_label: Optional[str] = None) -> None:
     """Raise :class:`DataError` at the first non-finite value of a batch, naming sample and feature.
 
+    The one check behind both guards: :class:`GuardedDataset` (a dataset that knows its rows) and
+    :class:`prot_lib.callbacks.DataGuard` (a Lightning callback for any model). One fused
+    ``torch.isfinite(...).any()`` per tensor when the batch is clean.
+
     Args:
-        x: (batch, L, F) inputs. NaN is allowed only in ``nullable_features``; inf never.
-        y: (batch,) targets or None. NaN is allowed only with ``allow_missing_targets``; inf never.
-        feature_names: the F names of the last axis of ``x``.
+        x: (batch, L, F) token sequences, (batch, F) rows, or (batch,) / (batch, d1, ..., F) inputs.
+            NaN is allowed only in ``nullable_features``; inf never.
+        y: (batch,) or (batch, k) targets, or None. NaN is allowed only with ``allow_missing_targets``;
+            inf never.
+        feature_names: the F names of the last axis of ``x`` (None: features are named by index).
         nullable_features: features whose NaN the caller masks (exempt from the NaN check).
-        sample_index: (batch,) row of each batch item in the full dataset (default 0..batch-1).
+        sample_index: (batch,) row of each batch item in the full dataset (default: the position in
+            the batch, said as "of the batch" when ``batch_label`` is given).
         row_ids: the full dataset's ``meta["row_ids"]``; the message adds the id of the row.
         allow_missing_targets: NaN targets are masked by the loss (``training.mask_missing_targets``).
         declared_nullable: features the dataset declares as possibly missing; only used to add a hint
             to the message (they are *not* exempt: see the module docstring).
+        batch_label: where the batch is, e.g. ``"batch 7 (epoch 0)"``; put first in the message.
 
     Raises:
         DataError: e.g. "non-finite input in sample 17 (row id 'C0017'), feature 'value' (index 10),
             token 3: nan"; inputs are checked before targets, the lowest sample first.
+        ValueError: ``feature_names`` does not match the last axis of ``x``.
     """
-    if x.dim() != 3 or x.shape[-1] != len(feature_names):
-        raise ValueError(f"x must be (batch, L, {len(feature_names)}), got {tuple(x.shape)}")
+    if feature_names is not None and (x.dim() < 2 or x.shape[-1] != len(feature_names)):
+        raise ValueError(f"x must be (batch, ..., {len(feature_names)}), got {tuple(x.shape)}")
+    where = f"{batch_label}, " if batch_label else ""
+    of_batch = sample_index is None and batch_label is not None
     index = list(range(x.shape[0])) if sample_index is None else [int(i) for i in sample_index]
     nullable = set(nullable_features)
     bad = ~torch.isfinite(x)
-    if nullable:
+    if nullable and feature_names is not None:
         exempt = torch.tensor([n in nullable for n in feature_names], device=x.device)
         bad &= ~(torch.isnan(x) & exempt)
     if bool(bad.any()):
-        b, t, f = (int(v) for v in bad.nonzero()[0])
-        name = feature_names[f]
-        hint = ""
-        if name in set(declared_nullable):
-            hint = " (the feature is declared nullable in the dataset: mask it with data.normalize: true)"
-        raise DataError(f"non-finite input in {_row_label(index[b], row_ids)}, feature {name!r} "
-                        f"(index {f}), token {t}: {float(x[b, t, f])}{hint}")
+        pos = [int(v) for v in bad.nonzero()[0]]
+        b = pos[0]
+        parts = [_row_label(index[b], row_ids, of_batch)]
+        if x.dim() >= 2:
+            f = pos[-1]
+            parts.append(_feature_label(f, feature_names))
+            middle = pos[1:-1]
+            if len(middle) == 1:
+                parts.append(f"token {middle[0]}")
+            elif middle:
+                parts.append(f"position {tuple(middle)}")
+            hint = ""
+            if feature_names is not None and feature_names[f] in set(declared_nullable):
+                hint = " (the feature is declared nullable in the dataset: mask it with data.normalize: true)"
+        else:
+            hint = ""
+        raise DataError(f"non-finite input in {where}{', '.join(parts)}: {float(x[tuple(pos)])}{hint}")
     if y is None:
         return
     bad_y = ~torch.isfinite(y)
     if allow_missing_targets:
         bad_y &= ~torch.isnan(y)
     if bool(bad_y.any()):
-        b = int(bad_y.nonzero()[0, 0])
-        hint = "" if allow_missing_targets or not torch.isnan(y[b]) else \
+        pos = [int(v) for v in bad_y.nonzero()[0]]
+        b = pos[0]
+        value = float(y[tuple(pos)])
+        column = f", column {pos[1]}" if y.dim() == 2 else (f", position {tuple(pos[1:])}" if y.dim() > 2 else "")
+        hint = "" if allow_missing_targets or not math.isnan(value) else \
             " (a missing label: mask it with training.mask_missing_targets: true)"
-        raise DataError(f"non-finite target in {_row_label(index[b], row_ids)}: {float(y[b])}{hint}")
+        raise DataError(f"non-finite target in {where}{_row_label(index[b], row_ids, of_batch)}{column}: {value}{hint}")
 
 
 class GuardedDataset(Dataset):

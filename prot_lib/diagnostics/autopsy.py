@@ -1,22 +1,31 @@
 """NaN autopsy: replay the one training step that went non-finite and name where it started.
 
-When a training step's loss or total gradient norm is non-finite, :class:`~prot_lib.diagnostics.policies.NonFiniteGuard`
-(``training.on_nonfinite`` other than ``continue``) keeps a *snapshot* of that step: the module's
-weights as they were when the step began (the step's forward and backward ran on them; the optimizer
-has not stepped yet) and the step's batch. :func:`autopsy` replays exactly that step with a forward
-hook on every module and a gradient hook on every module output and parameter
-(:func:`prot_lib.diagnostics.trace_nonfinite`) and reports the first module, in execution order,
-whose output (phase ``forward``) or gradient (phase ``backward``) is non-finite, or the loss (phase
+When a training step's loss or total gradient norm is non-finite, :class:`prot_lib.callbacks.NonFiniteGuard`
+keeps a *snapshot* of that step (:func:`capture_step`): the model as it was when the step began (its
+forward and backward ran on these weights; the optimizer has not stepped yet), the step's batch and
+the function that computed the loss. :func:`autopsy` replays exactly that step with a forward hook on
+every module and a gradient hook on every module output and parameter
+(:func:`prot_lib.diagnostics.trace_step`) and reports the first module, in execution order, whose
+output (phase ``forward``) or gradient (phase ``backward``) is non-finite, or the loss (phase
 ``loss``), with max |x| and the non-finite count of its inputs and outputs.
 
-The snapshot is also written as a *repro bundle* (:func:`save_bundle`, a ``torch.save`` file of
-about 150 kB for the book's model): config, fold, step, seed, weights, batch. Replaying it needs no
-data files and no training::
+Nothing here knows a particular model: the snapshot holds the model itself, rebuilt from its class
+path, constructor arguments (a LightningModule's ``hparams``, Lightning's own convention) and
+``state_dict``, or pickled whole when it has no ``hparams``; the loss is the module's own
+``training_step`` unless the caller names another function (``prot_lib`` passes the raw, unsanitised
+loss of its own module). The snapshot is also written as a *repro bundle* (:func:`save_bundle`, a
+``torch.save`` file of about 150 kB for the book's model). Replaying it needs no data files and no
+training::
 
     python -m prot_lib autopsy runs/dyconex_unmitigated/fold0/nonfinite_step0.pt
 
 prints the same report the training run printed (same weights, same batch, same code: bit-identical
-on CPU).
+on CPU). The bundle is a pickle (``torch.load(weights_only=False)``): open only bundles you trust, as
+with any Lightning checkpoint.
+
+Inside a module (issue 9 sec. 3): :func:`autopsy` accepts *probes* (:class:`prot_lib.diagnostics.TraceRecorder`),
+entered around the replay only, so finite steps never pay for them; :data:`DEFAULT_PROBES` is where
+a probe of the S6 scan's internal quantities plugs in.
 
 How this compares with the usual tools:
 
@@ -25,44 +34,52 @@ How this compares with the usual tools:
   ``benchmarks/bench_guards.py``) and does not see inf;
 - JAX's ``jax_debug_nans`` re-runs the failing computation op by op once a NaN appears: the same
   idea as here, at module granularity;
-- here finite steps pay only one fused check (the total gradient norm that clipping and logging
-  compute anyway, and the loss), and the replay runs only for a failing step.
+- here finite steps pay only one fused check (the total gradient norm and the loss), and the replay
+  runs only for a failing step.
 """
 from __future__ import annotations
 
+import importlib
+import io
 import math
-import os
-import tempfile
+import pickle
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
+from torch import nn
 
-from ..training.config import RunConfig, config_from_dict
-from .snapshot import module_loss_fn, snapshot_module
-from .trace import TraceReport, trace_nonfinite
+from ..utils.io import atomic_torch_save
+from .grads import norms_of_grads
+from .snapshot import clone_batch
+from .trace import Probe, TraceReport, trace_step
 
-#: version of the bundle layout written by :func:`save_bundle`
-BUNDLE_FORMAT = 1
+#: version of the bundle layout written by :func:`save_bundle` (1: prot_lib 0.1's NaNStudyModule-only bundles)
+BUNDLE_FORMAT = 2
 PHASES = ("forward", "loss", "backward", "grad_norm", "none")
 #: float32's largest finite value: a total gradient norm above sqrt of it overflows when squared
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: probes entered around every replay when :func:`autopsy` is given none (empty: the hook point)
+DEFAULT_PROBES: List[Probe] = []
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Training met a non-finite loss or gradient and its policy said to stop.
 
-    Raised by :class:`~prot_lib.diagnostics.policies.NonFiniteGuard` under
-    ``training.on_nonfinite: stop`` (at the first non-finite step) and under ``skip``/``rollback``
-    (after ``training.max_consecutive_skips`` non-finite steps in a row). ``str(err)`` is the autopsy
-    report followed by the bundle path.
+    Raised by :class:`prot_lib.callbacks.NonFiniteGuard` under ``policy="stop"`` (at the first
+    non-finite step) and under ``"skip"``/``"rollback"`` (after ``max_consecutive`` non-finite steps in
+    a row). ``str(err)`` is the autopsy report followed by the bundle path. Importable from
+    ``prot_lib.callbacks`` and ``prot_lib.diagnostics``.
 
     Attributes:
-        report: the :class:`AutopsyReport` of the step (None if the replay itself failed).
-        bundle_path: the repro bundle written before raising (None if it could not be written).
-        fold, step: where it happened (``step``: Lightning's ``global_step`` before that step).
+        report: the :class:`AutopsyReport` of the step (None when the autopsy was off or failed).
+        bundle_path: the repro bundle written before raising (None if none was written).
+        fold, step: where it happened (``step``: Lightning's ``global_step`` before that step; ``fold``
+            from the guard's ``meta``, None outside a k-fold run).
         history: the fold's per-step history up to the failing step (a DataFrame, set by
             :func:`prot_lib.training.kfold.train_fold`; None otherwise).
     """
@@ -99,14 +116,15 @@ class AutopsyReport:
 
     Attributes:
         fold, step, epoch: where (``step`` = Lightning's ``global_step`` before the step; None if unknown).
-        reasons: what the training step itself saw: subset of ``"loss"`` (raw or back-propagated loss
-            non-finite) and ``"grad"`` (total gradient L2 norm before clipping non-finite).
+        reasons: what the training step itself saw: subset of ``"loss"`` (the back-propagated loss
+            non-finite) and ``"grad"`` (a gradient non-finite before clipping).
         trace: the replay's :class:`~prot_lib.diagnostics.TraceReport`; ``trace.table`` is the
             per-module table (one row per module output / gradient, in execution order).
         nonfinite_params: names of parameters already non-finite in the weights the step started from.
-        seed: the fold's seed (``training.seed + fold``).
-        grad_norm32: the replay's total gradient L2 norm as training computes it (float32,
-            ``torch.nn.utils.get_total_norm``); inf when the squares overflow even if every gradient is finite.
+        seed: the fold's seed (``training.seed + fold``; from the snapshot's meta, None if not given).
+        grad_norm32: the replay's total gradient L2 norm as ``torch.nn.utils.get_total_norm`` and
+            Lightning's ``gradient_clip_val`` compute it (float32); inf when the squares overflow even
+            if every gradient is finite.
         grad_norm64: the same norm computed in float64 (finite wherever the gradients are).
         largest_grad: ``(parameter name, float64 gradient norm)`` of the largest gradient.
     """
@@ -127,7 +145,7 @@ class AutopsyReport:
     def row(self) -> Optional[pd.Series]:
         """The trace row of the first non-finite value: forward (modules and the loss) first, then
         backward (module-output and parameter gradients); None when the replay stayed finite."""
-        row = self.trace.first_row("forward", ("module", "loss"))
+        row = self.trace.first_row("forward", ("module", "internal", "loss"))
         if row is None and self.trace.backward_ran:
             row = self.trace.first_row("backward", ("module", "parameter"))
         return row
@@ -149,9 +167,10 @@ class AutopsyReport:
 
     @property
     def module(self) -> Optional[str]:
-        """Qualified name (relative to the S6Regressor: ``embedding``, ``bimamba.layers.2.fwd.in_proj``,
-        ``<model>`` for the regressor itself, ``loss``, or a parameter name in the backward phase; in
-        the ``grad_norm`` phase the parameter with the largest gradient)."""
+        """Qualified name relative to the traced root (the snapshot's ``trace_root``; for ``prot_lib``'s
+        own module the S6Regressor: ``embedding``, ``bimamba.layers.2.fwd.in_proj``), ``<model>`` for
+        the root itself, ``loss``, a probe's ``module:quantity``, or a parameter name in the backward
+        phase; in the ``grad_norm`` phase the parameter with the largest gradient."""
         row = self.row
         if row is None:
             return self.largest_grad[0] if self.phase == "grad_norm" and self.largest_grad else None
@@ -209,7 +228,7 @@ class AutopsyReport:
     def __str__(self) -> str:
         where = ", ".join(f"{k} {v}" for k, v in (("fold", self.fold), ("step", self.step),
                                                     ("epoch", self.epoch)) if v is not None)
-        saw = " and ".join({"loss": "a non-finite loss", "grad": "a non-finite gradient norm"}.get(r, r)
+        saw = " and ".join({"loss": "a non-finite loss", "grad": "a non-finite gradient"}.get(r, r)
                            for r in self.reasons) or "nothing non-finite"
         lines = [f"NaN autopsy ({where}): the training step saw {saw}"]
         row = self.row
@@ -244,54 +263,175 @@ class AutopsyReport:
         return "```\n" + str(self) + "\n```"
 
 
-# ---------------------------------------------------------------------------------- replay
+# ---------------------------------------------------------------------------------- snapshots
 
 def _nonfinite_params(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     return [k for k, v in state_dict.items()
             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def autopsy(snapshot: Dict[str, Any], config: RunConfig) -> AutopsyReport:
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+def _import_class(path: str) -> type:
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _hparams(model: nn.Module) -> Optional[Dict[str, Any]]:
+    hp = getattr(model, "hparams", None)
+    return dict(hp) if isinstance(hp, Mapping) and len(hp) else None
+
+
+def _rebuild(spec: Dict[str, Any]) -> nn.Module:
+    """The model of a snapshot spec: ``cls(**hparams)`` + ``load_state_dict(strict=True)``, or unpickled."""
+    if spec["kind"] == "hparams":
+        with torch.random.fork_rng(devices=[]):  # construction draws initial weights
+            model = _import_class(spec["class"])(**spec["hparams"])
+        model.load_state_dict(spec["state_dict"], strict=True)
+        return model
+    if spec["kind"] == "pickle":
+        return torch.load(io.BytesIO(spec["pickle"]), map_location="cpu", weights_only=False)
+    raise ValueError(f"the snapshot holds only the weights of a {spec['class']} (its constructor arguments are "
+                     "unknown and it could not be pickled): pass model=<a fresh instance> to autopsy()")
+
+
+def model_spec(model: nn.Module) -> Tuple[Dict[str, Any], Optional[nn.Module]]:
+    """How to rebuild ``model`` with its current weights: ``(spec, rebuilt model or None)``.
+
+    Tried in order, each checked by actually rebuilding:
+
+    1. ``kind="hparams"``: class path + ``model.hparams`` (a LightningModule that called
+       ``save_hyperparameters``) + ``state_dict``; Lightning's ``load_from_checkpoint`` convention;
+    2. ``kind="pickle"``: the model pickled whole (``torch.save``; fails for closures, open files);
+    3. ``kind="state_dict"``: class path + ``state_dict`` only; the replay then needs the caller to
+       pass a fresh instance (``autopsy(..., model=...)``).
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hp = _hparams(model)
+    if hp is not None:
+        spec = {"kind": "hparams", "class": _class_path(model), "hparams": hp, "state_dict": state}
+        try:
+            return spec, _rebuild(spec)
+        except Exception:  # noqa: BLE001 - any constructor failure means: try the next way
+            pass
+    try:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        spec = {"kind": "pickle", "class": _class_path(model), "pickle": buf.getvalue()}
+        return spec, _rebuild(spec)
+    except Exception:  # noqa: BLE001
+        return {"kind": "state_dict", "class": _class_path(model), "state_dict": state}, None
+
+
+def training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The loss a LightningModule's own ``training_step(batch, 0)`` returns (a tensor, or a dict's
+    ``"loss"``). The default loss of a replay. ``self.log`` outside a Trainer only warns (silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.training_step(batch, 0)
+    return out["loss"] if isinstance(out, Mapping) else out
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001 - lambdas, closures, local classes
+        return False
+
+
+def capture_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+                 trace_root: Optional[str] = None, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Snapshot one training step for :func:`autopsy` and :func:`save_bundle`.
+
+    Call it before the optimizer steps (``on_before_optimizer_step``), so the weights are those the
+    step's forward and backward ran on.
+
+    Args:
+        model: the module that trained (a LightningModule or any ``nn.Module``).
+        batch: the step's batch (deep-copied).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` to replay (default :func:`training_step_loss`).
+            A function that cannot be pickled (a lambda) is used for an in-process replay, but the
+            bundle falls back to the default (its ``meta["loss_fn_note"]`` says so).
+        trace_root: submodule whose modules the report names (default: the whole model).
+        meta: anything JSON-like to keep: ``fold``, ``step``, ``epoch``, ``seed``, ``reasons`` are read
+            by the report.
+
+    Returns:
+        the snapshot: ``{"format", "model": spec, "batch", "loss_fn", "trace_root", "meta"}``; the rebuilt
+        model rides along under ``"_model"`` (not saved).
+    """
+    spec, rebuilt = model_spec(model)
+    meta = dict(meta or {})
+    saved_fn = loss_fn
+    if loss_fn is not None and not _picklable(loss_fn):
+        saved_fn = None
+        meta["loss_fn_note"] = f"{loss_fn!r} cannot be pickled: the bundle replays training_step instead"
+    snap = {"format": BUNDLE_FORMAT, "model": spec, "batch": clone_batch(batch), "loss_fn": saved_fn,
+            "trace_root": trace_root, "meta": meta, "torch": torch.__version__}
+    snap["_model"], snap["_loss_fn"] = rebuilt, loss_fn
+    return snap
+
+
+# ---------------------------------------------------------------------------------- replay
+
+def autopsy(snapshot: Dict[str, Any], model: Optional[nn.Module] = None,
+            probes: Optional[Sequence[Probe]] = None) -> AutopsyReport:
     """Replay the snapshot's step with hooks everywhere and say where the first non-finite value appeared.
 
     Args:
-        snapshot: dict with ``state_dict`` (the LightningModule's weights before the step), ``batch``
-            (``(x: (batch, L, F) float32, y: (batch,) float32)``) and optionally ``fold``, ``step``,
-            ``epoch``, ``reasons``, ``seed``: what :class:`~prot_lib.diagnostics.policies.NonFiniteGuard`,
-            :class:`~prot_lib.diagnostics.NonfiniteSnapshot` and :func:`load_bundle` give.
-        config: the run's config (model shape, loss function, target masking).
+        snapshot: from :func:`capture_step` or :func:`load_bundle`.
+        model: an instance of the snapshot's model class to replay on (needed only when the snapshot
+            could keep neither the constructor arguments nor a pickle of the model); its weights are
+            replaced by the snapshot's.
+        probes: entered around the replay (default :data:`DEFAULT_PROBES`).
 
     Returns:
-        :class:`AutopsyReport`. The loss replayed is the raw training loss, before the write-up's
-        sanitisation (:func:`prot_lib.diagnostics.module_loss_fn`).
+        :class:`AutopsyReport`.
 
-    The global torch RNG is saved and restored around the replay (building the module draws initial
-    weights), so calling this in the middle of training does not change the rest of the run.
+    The global torch RNG is saved and restored around the replay, so calling this in the middle of
+    training does not change the rest of the run. The model replays in training mode.
 
     Raises:
-        RuntimeError: the weights do not fit the config's model (``load_state_dict(strict=True)``).
+        ValueError: the model cannot be rebuilt (see :func:`model_spec`) and none was given.
+        RuntimeError: the weights do not fit ``model`` (``load_state_dict(strict=True)``).
+        Any exception of the replayed step itself.
     """
+    spec = snapshot["model"]
+    if model is not None:
+        model.load_state_dict(spec["state_dict"] if "state_dict" in spec else _rebuild(spec).state_dict(), strict=True)
+    else:
+        model = snapshot.get("_model") or _rebuild(spec)
+    loss_fn = snapshot.get("_loss_fn") or snapshot.get("loss_fn") or training_step_loss
+    root = snapshot.get("trace_root")
+    batch = snapshot["batch"]
+    meta = snapshot.get("meta", {})
     with torch.random.fork_rng(devices=[]):
-        module = snapshot_module(snapshot, config)
-    module.train()
-    x, y = snapshot["batch"][0], snapshot["batch"][1]
-    loss_fn = module_loss_fn(module)
-    trace = trace_nonfinite(module.model, x, y, loss_fn)
-    norm32, norm64, largest = _gradient_norms(module.model, x, y, loss_fn)
-    return AutopsyReport(fold=snapshot.get("fold"), step=snapshot.get("step"), epoch=snapshot.get("epoch"),
-                         reasons=list(snapshot.get("reasons", [])), trace=trace,
-                         nonfinite_params=_nonfinite_params(snapshot["state_dict"]), seed=snapshot.get("seed"),
+        model.train()
+        trace = trace_step(model, loss_fn, batch, root=root, probes=DEFAULT_PROBES if probes is None else probes)
+        norm32, norm64, largest = _gradient_norms(model, root, loss_fn, batch)
+    return AutopsyReport(fold=meta.get("fold"), step=meta.get("step"), epoch=meta.get("epoch"),
+                         reasons=list(meta.get("reasons", [])), trace=trace,
+                         nonfinite_params=_nonfinite_params(model.state_dict()), seed=meta.get("seed"),
                          grad_norm32=norm32, grad_norm64=norm64, largest_grad=largest)
 
 
-def _gradient_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
+def _gradient_norms(model: nn.Module, root: Optional[str], loss_fn, batch
                     ) -> Tuple[Optional[float], Optional[float], Optional[Tuple[str, float]]]:
-    """Total gradient L2 norm of ``loss_fn(model(x), y)`` in float32 (as training measures it) and in
-    float64, and the parameter with the largest gradient. A float32 norm can be inf with every
-    gradient finite: squares above ~1.8e19 overflow. One extra forward and backward pass."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """Total gradient L2 norm of the step's loss over ``root``'s parameters in float32 (as
+    ``get_total_norm`` and Lightning's clipping measure it) and without overflow
+    (:mod:`prot_lib.diagnostics.grads`), and the parameter with the largest gradient (names relative to
+    ``root``). A float32 norm can be inf with every gradient finite: squares above ~1.8e19 overflow.
+    One extra forward and backward pass."""
+    root_module = model.get_submodule(root) if root else model
+    params = [(n, p) for n, p in root_module.named_parameters() if p.requires_grad]
     with torch.enable_grad():
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model, batch)
         if not loss.requires_grad:
             return None, None, None
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
@@ -299,10 +439,8 @@ def _gradient_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     if not named:
         return None, None, None
     norm32 = float(torch.nn.utils.get_total_norm([g for _, g in named], norm_type=2.0))
-    norms64 = {n: float(torch.linalg.vector_norm(g.double())) for n, g in named}
-    norm64 = math.sqrt(sum(v * v for v in norms64.values()))
-    name = max(norms64, key=lambda k: norms64[k] if math.isfinite(norms64[k]) else math.inf)
-    return norm32, norm64, (name, norms64[name])
+    norms = norms_of_grads(named)
+    return norm32, norms.total_value(), norms.largest()
 
 
 # ---------------------------------------------------------------------------------- bundles
@@ -312,50 +450,39 @@ def bundle_path(fold_dir: Union[str, Path], step: int) -> Path:
     return Path(fold_dir) / f"nonfinite_step{int(step)}.pt"
 
 
-def save_bundle(path: Union[str, Path], snapshot: Dict[str, Any], config: RunConfig) -> Path:
-    """Write a repro bundle atomically (temp file in the same folder, then ``os.replace``).
+def save_bundle(path: Union[str, Path], snapshot: Dict[str, Any]) -> Path:
+    """Write a snapshot (:func:`capture_step`) as a repro bundle, atomically (:func:`prot_lib.utils.io.atomic_torch_save`).
 
-    Contents (``torch.save`` dict): ``format``, ``config`` (``RunConfig.to_dict()``), ``fold``, ``step``,
-    ``epoch``, ``seed``, ``reasons``, ``record`` (the step's numbers), ``state_dict`` (weights before
-    the step), ``batch`` (``(x, y)``), ``torch`` (version). Returns the path.
+    Contents (``torch.save`` dict): ``format`` (:data:`BUNDLE_FORMAT`), ``model`` (the spec of
+    :func:`model_spec`), ``batch``, ``loss_fn`` (a picklable function or None), ``trace_root``,
+    ``meta`` (``fold``, ``step``, ``epoch``, ``seed``, ``reasons``, ...), ``torch`` (version). Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": BUNDLE_FORMAT, "config": config.to_dict(), "torch": torch.__version__}
-    for key in ("fold", "step", "epoch", "seed", "reasons", "record", "state_dict", "batch"):
-        payload[key] = snapshot.get(key)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    payload = {k: v for k, v in snapshot.items() if not k.startswith("_")}
+    return atomic_torch_save(payload, path)
 
 
-def load_bundle(path: Union[str, Path]) -> Tuple[Dict[str, Any], RunConfig]:
-    """Read a bundle written by :func:`save_bundle`: ``(snapshot, config)``.
+def load_bundle(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a bundle written by :func:`save_bundle` (the snapshot dict).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a repro bundle (missing keys or unknown format).
-        prot_lib.training.ConfigError: its config does not validate with this version of the library.
+        ValueError: not a repro bundle of this format (names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no repro bundle at {path}")
-    # The bundle holds a config dict and tensors only, but the batch may be a tuple: plain torch.load.
+    # The bundle holds the model's spec, a batch and a function reference: plain torch.load.
     d = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT or "state_dict" not in d or "batch" not in d:
-        raise ValueError(f"{path} is not a prot_lib repro bundle (format {BUNDLE_FORMAT})")
-    config = config_from_dict(d["config"], source=f"{path} (bundle config)")
-    return d, config
+    if not isinstance(d, dict) or "model" not in d or "batch" not in d:
+        raise ValueError(f"{path} is not a prot_lib repro bundle")
+    if d.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} is a format {d.get('format')} bundle; this prot_lib reads format {BUNDLE_FORMAT} "
+                         "(re-run the training to write a new one)")
+    return d
 
 
-def autopsy_bundle(path: Union[str, Path]) -> AutopsyReport:
-    """:func:`autopsy` of a bundle file: what ``python -m prot_lib autopsy BUNDLE`` prints."""
-    snapshot, config = load_bundle(path)
-    return autopsy(snapshot, config)
+def autopsy_bundle(path: Union[str, Path], model: Optional[nn.Module] = None,
+                   probes: Optional[Sequence[Probe]] = None) -> AutopsyReport:
+    """:func:`autopsy` of a bundle file: what ``python -m prot_lib autopsy BUNDLE`` prints. Raises as
+    :func:`load_bundle` and :func:`autopsy`."""
+    return autopsy(load_bundle(path), model=model, probes=probes)

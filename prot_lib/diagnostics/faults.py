@@ -1,9 +1,10 @@
 """Fault injection: put an inf or NaN into a weight, a gradient or the optimizer's state at a chosen step.
 
 Guards are only as good as the failures they were tried on. :class:`InjectFault` is a Lightning
-callback that plants one non-finite value at one optimizer step, so that the checkpoint guard
-(``tests/test_checkpoint.py``, 50+ trials), the policies of ``training.on_nonfinite`` and the autopsy
-can be tested on failures whose place and time are known exactly.
+callback (either namespace) that plants one non-finite value at one optimizer step, so that
+:class:`prot_lib.callbacks.FiniteCheckpoint` (``tests/test_checkpoint.py``, 50+ trials),
+:class:`prot_lib.callbacks.NonFiniteGuard` and the autopsy can be tested on failures whose place and
+time are known exactly.
 
 Targets (``step`` is Lightning's ``global_step`` of the step hit, counted from 0 within a fold):
 
@@ -12,7 +13,8 @@ Targets (``step`` is Lightning's ``global_step`` of the step hit, counted from 0
 - ``"weight_after"``: the same, in ``on_train_batch_end`` of step ``step``, after its optimizer step
   and before any checkpoint callback saves (Lightning runs ``ModelCheckpoint`` last);
 - ``"grad"``: ``param.grad[index] = value`` in ``on_before_optimizer_step`` of step ``step`` (after
-  backward, before clipping and the optimizer, so the guard's fused check sees it);
+  backward, before clipping and the optimizer; list it before the guard among the callbacks, so the
+  guard's fused check sees it);
 - ``"optimizer_state"``: Adam's ``exp_avg_sq[index] = value`` for that parameter in
   ``on_train_batch_end`` of step ``step`` (the weights stay finite; only a checkpoint would carry it).
 """
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
+
+from ..compat import Callback
 
 TARGETS = ("weight", "weight_after", "grad", "optimizer_state")
 
 
-class InjectFault(pl.Callback):
+class InjectFault(Callback):
     """Plant ``value`` at flat ``index`` of parameter ``param`` (or its gradient / Adam state) at ``step``.
 
     Args:

@@ -19,15 +19,21 @@ How it relates to the usual tools:
   but finite value grew.
 - JAX's ``jax_debug_nans`` re-runs the failing computation op by op once a NaN is seen.
 - This tracer is run on demand, for one step: keep the state and batch of the step that failed
-  (:class:`prot_lib.diagnostics.NonfiniteSnapshot`) and trace only that step, at module granularity.
+  (:class:`prot_lib.diagnostics.NonfiniteSnapshot`, :class:`prot_lib.callbacks.NonFiniteGuard`) and
+  trace only that step, at module granularity.
+
+:func:`trace_nonfinite` traces ``loss_fn(model(x), y)``; :func:`trace_step` traces any step
+``loss_fn(model, batch)`` (a LightningModule's own ``training_step`` included), and takes *probes*
+(:class:`TraceRecorder`): the hook point for quantities inside a module that no hook sees.
 
 Works on any ``nn.Module``; nothing here knows about Mamba.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
@@ -90,9 +96,10 @@ class TraceReport:
             - ``phase``: "forward" or "backward";
             - ``kind``: "data" (the batch: rows ``input``, ``target``), "module" (forward: a module's
               output, at the moment the module returned, so a child comes before its parent;
-              backward: the gradient of the loss with respect to that module's output), "loss" (the
-              loss value, its input being the prediction), "parameter" (backward: a parameter's
-              gradient, when autograd produced it);
+              backward: the gradient of the loss with respect to that module's output), "internal"
+              (forward: a quantity inside a module, recorded by a probe, see :class:`TraceRecorder`),
+              "loss" (the loss value, its input being the prediction), "parameter" (backward: a
+              parameter's gradient, when autograd produced it);
             - ``name``: qualified module or parameter name (``bimamba.layers.0.fwd.in_proj``), the
               root module is ``<model>``;
             - ``type``: the module's class name ("Linear") or "Parameter";
@@ -120,7 +127,7 @@ class TraceReport:
         t = self.table
         return t[(t["phase"] == phase) & t["kind"].isin(list(kinds))]
 
-    def first_row(self, phase: str = "forward", kinds: Iterable[str] = ("module", "loss"),
+    def first_row(self, phase: str = "forward", kinds: Iterable[str] = ("module", "internal", "loss"),
                   born_only: bool = False) -> Optional[pd.Series]:
         """The first row (execution order) of ``phase`` and ``kinds`` with a non-finite output.
 
@@ -137,7 +144,7 @@ class TraceReport:
     def first_forward(self) -> Optional[str]:
         """Name of the first module (or ``"loss"``) whose forward output holds a non-finite value,
         in execution order; None when the forward pass and the loss are finite."""
-        row = self.first_row("forward", ("module", "loss"))
+        row = self.first_row("forward", ("module", "internal", "loss"))
         return None if row is None else row["name"]
 
     @property
@@ -145,7 +152,7 @@ class TraceReport:
         """Name of the first module (or ``"loss"``) that turned finite inputs into a non-finite output;
         None when nothing was born in the forward pass (everything finite, or the non-finite values
         came in with the data)."""
-        row = self.first_row("forward", ("module", "loss"), born_only=True)
+        row = self.first_row("forward", ("module", "internal", "loss"), born_only=True)
         return None if row is None else row["name"]
 
     @property
@@ -180,7 +187,7 @@ class TraceReport:
         if data:
             lines.append("data    : non-finite values in the batch: "
                          + ", ".join(f"{k} {v}" for k, v in data.items()))
-        row = self.first_row("forward", ("module",))
+        row = self.first_row("forward", ("module", "internal"))
         if row is None:
             lines.append(f"forward : every module output finite (max |prediction| "
                          f"{self.prediction_max_abs:.3g})")
@@ -210,20 +217,149 @@ class TraceReport:
         return "```\n" + str(self) + "\n```"
 
 
-@dataclass
-class _Recorder:
-    rows: List[Dict[str, Any]] = field(default_factory=list)
-    calls: Dict[str, int] = field(default_factory=dict)
+class TraceRecorder:
+    """Collects the rows of a trace as they happen (used by :func:`trace_step`; passed to probes).
+
+    A *probe* is the hook point for quantities no module hook can see (issue 9 sec. 3: the inside of
+    the S6 scan, a parameter used functionally): a callable ``probe(model, recorder)`` returning a
+    context manager that is entered for the traced forward and backward pass. While entered it may
+    call :meth:`record_internal` at the moment a quantity is computed, so the row lands in execution
+    order between the module rows around it, and the autopsy names it when it is the first non-finite
+    value.
+    """
+
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, Any]] = []
+        self.calls: Dict[str, int] = {}
+        #: (depth, output tensors) of the outermost module call seen so far: the prediction
+        self.top: Tuple[int, List[Tensor]] = (10 ** 9, [])
 
     def add(self, **row) -> None:
         row["order"] = len(self.rows)
         self.rows.append(row)
+
+    def record_internal(self, name: str, type_name: str, outputs: Sequence[Tensor],
+                        inputs: Sequence[Tensor] = (), params_finite: bool = True) -> None:
+        """Add a forward row of kind ``"internal"``: a quantity computed inside a module.
+
+        Args:
+            name: where, e.g. ``"bimamba.layers.0.fwd:delta"`` (module name, colon, quantity).
+            type_name: what, e.g. ``"softplus"``.
+            outputs: the quantity's tensors; inputs: the tensors it was computed from (for ``born``).
+            params_finite: whether the parameters it used are finite.
+        """
+        call = self.calls.get(name, 0)
+        self.calls[name] = call + 1
+        in_max, in_bad, _ = tensor_stats(list(inputs))
+        out_max, out_bad, out_n = tensor_stats(list(outputs))
+        self.add(phase="forward", kind="internal", name=name, type=type_name, call=call, shape=_shape(outputs),
+                 numel=out_n, max_abs_in=in_max, nonfinite_in=in_bad, max_abs_out=out_max, nonfinite_out=out_bad,
+                 params_finite=params_finite, born=bool(out_bad > 0 and in_bad == 0 and params_finite))
+
+
+#: a probe: ``probe(model, recorder) -> context manager`` (see :class:`TraceRecorder`)
+Probe = Callable[[nn.Module, TraceRecorder], ContextManager]
 
 
 def _as_args(x: Union[Tensor, Sequence[Tensor]]) -> tuple:
     if isinstance(x, (tuple, list)):
         return tuple(x)
     return (x,)
+
+
+def batch_items(batch: Any) -> List[Tuple[str, List[Tensor]]]:
+    """Name the parts of a batch for the trace's data rows: a tuple/list ``(x, y, ...)`` gives
+    ``input`` (element 0), ``target`` (element 1), ``batch[i]`` (the rest); a dict its keys; a tensor
+    ``input``. Only floating-point tensors are listed."""
+    if isinstance(batch, (tuple, list)):
+        labels = ["input", "target"] + [f"batch[{i}]" for i in range(2, len(batch))]
+        items = list(zip(labels, batch))
+    elif isinstance(batch, dict):
+        items = [(str(k), v) for k, v in batch.items()]
+    else:
+        items = [("input", batch)]
+    return [(label, _float_tensors(v)) for label, v in items if _float_tensors(v)]
+
+
+def _trace(model: nn.Module, root: nn.Module, compute: Callable[[], Tuple[Optional[Tensor], Optional[List[Tensor]]]],
+           data: List[Tuple[str, List[Tensor]]], want_backward: bool, loss_name: str,
+           probes: Sequence[Probe] = ()) -> TraceReport:
+    """The tracer: hooks on every module of ``root``, data rows, ``compute()`` (returns the loss and,
+    when known, the prediction tensors), the loss row, the backward pass; hooks removed afterwards."""
+    rec = TraceRecorder()
+    names = {id(m): (n or ROOT_NAME) for n, m in root.named_modules()}
+    handles = []
+    targets = [t for label, ts in data if label == "target" for t in ts]
+
+    def grad_hook(name: str, type_name: str, call: int, kind: str):
+        def hook(grad: Tensor) -> None:
+            m, bad, n = tensor_stats([grad])
+            rec.add(phase="backward", kind=kind, name=name, type=type_name, call=call,
+                    shape=str(tuple(grad.shape)), numel=n, max_abs_in=math.nan, nonfinite_in=0,
+                    max_abs_out=m, nonfinite_out=bad, params_finite=None, born=None)
+        return hook
+
+    def forward_hook(module: nn.Module, args, kwargs, output) -> None:
+        name = names.get(id(module), type(module).__name__)
+        call = rec.calls.get(name, 0)
+        rec.calls[name] = call + 1
+        ins = _float_tensors(args) + _float_tensors(kwargs)
+        outs = _float_tensors(output)
+        in_max, in_bad, _ = tensor_stats(ins)
+        out_max, out_bad, out_n = tensor_stats(outs)
+        own = list(module.parameters(recurse=False))
+        params_ok = all(bool(torch.isfinite(p).all()) for p in own)
+        rec.add(phase="forward", kind="module", name=name, type=type(module).__name__, call=call,
+                shape=_shape(outs), numel=out_n, max_abs_in=in_max, nonfinite_in=in_bad,
+                max_abs_out=out_max, nonfinite_out=out_bad, params_finite=params_ok,
+                born=bool(out_bad > 0 and in_bad == 0 and params_ok))
+        depth = 0 if name == ROOT_NAME else name.count(".") + 1
+        if depth <= rec.top[0]:
+            rec.top = (depth, outs)
+        if want_backward and torch.is_grad_enabled():
+            for t in outs:
+                if t.requires_grad:
+                    t.register_hook(grad_hook(name, type(module).__name__, call, "module"))
+
+    for module in root.modules():
+        handles.append(module.register_forward_hook(forward_hook, with_kwargs=True))
+    params = [(n, p) for n, p in root.named_parameters() if p.requires_grad]
+    loss_value: Optional[float] = None
+    try:
+        for label, value in data:
+            m, bad, n = tensor_stats(value)
+            rec.add(phase="forward", kind="data", name=label, type="Tensor", call=0, shape=_shape(value),
+                    numel=n, max_abs_in=math.nan, nonfinite_in=0, max_abs_out=m, nonfinite_out=bad,
+                    params_finite=None, born=None)
+        with contextlib.ExitStack() as stack:
+            for probe in probes:
+                stack.enter_context(probe(model, rec))
+            if not want_backward:
+                with torch.no_grad():
+                    compute()
+            else:
+                with torch.enable_grad():
+                    loss, pred = compute()
+                    if loss.numel() != 1:
+                        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+                    pred = rec.top[1] if pred is None else pred
+                    p_max, p_bad, _ = tensor_stats(list(pred) + targets)
+                    loss_value = float(loss.detach())
+                    bad = 0 if math.isfinite(loss_value) else 1
+                    rec.add(phase="forward", kind="loss", name="loss", type=loss_name, call=0, shape="()",
+                            numel=1, max_abs_in=p_max, nonfinite_in=p_bad,
+                            max_abs_out=abs(loss_value) if bad == 0 else math.nan, nonfinite_out=bad,
+                            params_finite=None, born=bool(bad and p_bad == 0))
+                    for n, p in params:
+                        handles.append(p.register_hook(grad_hook(n, "Parameter", 0, "parameter")))
+                    if params and loss.requires_grad:
+                        torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    table = pd.DataFrame(rec.rows, columns=TRACE_COLUMNS)
+    return TraceReport(table=table, loss=loss_value, model_name=type(root).__name__,
+                       backward_ran=bool(want_backward and params))
 
 
 def trace_nonfinite(model: nn.Module, x: Union[Tensor, Sequence[Tensor]], y: Optional[Tensor] = None,
@@ -251,78 +387,48 @@ def trace_nonfinite(model: nn.Module, x: Union[Tensor, Sequence[Tensor]], y: Opt
     Cost: one forward and one backward pass plus a max/isfinite reduction per module output and
     per gradient, i.e. a few times a normal step; meant for one step, not for every step.
     """
-    rec = _Recorder()
-    names = {id(m): (n or ROOT_NAME) for n, m in model.named_modules()}
+    args = _as_args(x)
     want_backward = y is not None or loss_fn is not None
-    handles = []
+    fn = loss_fn if loss_fn is not None else (F.mse_loss if y is not None else None)
+    data = [("input", _float_tensors(args))] + ([("target", [y])] if y is not None else [])
 
-    def grad_hook(name: str, type_name: str, call: int, kind: str):
-        def hook(grad: Tensor) -> None:
-            m, bad, n = tensor_stats([grad])
-            rec.add(phase="backward", kind=kind, name=name, type=type_name, call=call,
-                    shape=str(tuple(grad.shape)), numel=n, max_abs_in=math.nan, nonfinite_in=0,
-                    max_abs_out=m, nonfinite_out=bad, params_finite=None, born=None)
-        return hook
-
-    def forward_hook(module: nn.Module, args, kwargs, output) -> None:
-        name = names.get(id(module), type(module).__name__)
-        call = rec.calls.get(name, 0)
-        rec.calls[name] = call + 1
-        ins = _float_tensors(args) + _float_tensors(kwargs)
-        outs = _float_tensors(output)
-        in_max, in_bad, _ = tensor_stats(ins)
-        out_max, out_bad, out_n = tensor_stats(outs)
-        own = list(module.parameters(recurse=False))
-        params_ok = all(bool(torch.isfinite(p).all()) for p in own)
-        rec.add(phase="forward", kind="module", name=name, type=type(module).__name__, call=call,
-                shape=_shape(outs), numel=out_n, max_abs_in=in_max, nonfinite_in=in_bad,
-                max_abs_out=out_max, nonfinite_out=out_bad, params_finite=params_ok,
-                born=bool(out_bad > 0 and in_bad == 0 and params_ok))
-        if want_backward and torch.is_grad_enabled():
-            for t in outs:
-                if t.requires_grad:
-                    t.register_hook(grad_hook(name, type(module).__name__, call, "module"))
-
-    for module in model.modules():
-        handles.append(module.register_forward_hook(forward_hook, with_kwargs=True))
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    loss_value: Optional[float] = None
-    try:
-        args = _as_args(x)
-        data = [("input", _float_tensors(args))] + ([("target", [y])] if y is not None else [])
-        for label, value in data:
-            m, bad, n = tensor_stats(value)
-            rec.add(phase="forward", kind="data", name=label, type="Tensor", call=0, shape=_shape(value),
-                    numel=n, max_abs_in=math.nan, nonfinite_in=0, max_abs_out=m, nonfinite_out=bad,
-                    params_finite=None, born=None)
+    def compute():
+        pred = model(*args)
         if not want_backward:
-            with torch.no_grad():
-                model(*args)
-        else:
-            with torch.enable_grad():
-                pred = model(*args)
-                if loss_fn is None:
-                    loss_fn = F.mse_loss
-                loss = loss_fn(pred, y) if y is not None else loss_fn(pred)
-                if loss.numel() != 1:
-                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-                p_max, p_bad, _ = tensor_stats(_float_tensors(pred) + ([y] if y is not None else []))
-                loss_value = float(loss.detach())
-                bad = 0 if math.isfinite(loss_value) else 1
-                rec.add(phase="forward", kind="loss", name="loss", type=getattr(loss_fn, "__name__", "loss"),
-                        call=0, shape="()", numel=1, max_abs_in=p_max, nonfinite_in=p_bad,
-                        max_abs_out=abs(loss_value) if bad == 0 else math.nan, nonfinite_out=bad,
-                        params_finite=None, born=bool(bad and p_bad == 0))
-                for n, p in params:
-                    handles.append(p.register_hook(grad_hook(n, "Parameter", 0, "parameter")))
-                if params and loss.requires_grad:
-                    torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    table = pd.DataFrame(rec.rows, columns=TRACE_COLUMNS)
-    return TraceReport(table=table, loss=loss_value, model_name=type(model).__name__,
-                       backward_ran=bool(want_backward and params))
+            return None, None
+        return (fn(pred, y) if y is not None else fn(pred)), _float_tensors(pred)
+
+    return _trace(model, model, compute, data, want_backward, getattr(fn, "__name__", "loss"))
+
+
+def trace_step(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any,
+               root: Optional[str] = None, probes: Sequence[Probe] = ()) -> TraceReport:
+    """Trace one training step of any model: ``loss = loss_fn(model, batch)``, then its backward.
+
+    The generic form of :func:`trace_nonfinite` behind the autopsy (:mod:`prot_lib.diagnostics.autopsy`):
+    the loss closure may be a LightningModule's own ``training_step`` or any function of the model and
+    the batch, so the model needs no particular forward signature.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule included); run in its current mode, its ``.grad``
+            untouched.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: what the training step received; its floating-point tensors become the data rows
+            (:func:`batch_items`: ``input``, ``target``, ...).
+        root: qualified name of the submodule whose modules are hooked and named (default: ``model``
+            itself), e.g. ``"model"`` to name modules relative to a LightningModule's ``self.model``.
+        probes: :data:`Probe` s entered around the pass (see :class:`TraceRecorder`).
+
+    Returns:
+        :class:`TraceReport`. The loss row's inputs are the output of the outermost module call under
+        ``root`` (the prediction) and the batch's ``target``.
+
+    Raises:
+        ValueError: the loss is not a scalar. Any exception of the step itself (hooks removed first).
+    """
+    root_module = model.get_submodule(root) if root else model
+    return _trace(model, root_module, lambda: (loss_fn(model, batch), None), batch_items(batch), True,
+                  getattr(loss_fn, "__name__", "loss"), probes)
 
 
 def capture_scan(block: nn.Module, hidden_states: Tensor) -> Dict[str, Tensor]:

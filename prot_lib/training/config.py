@@ -5,7 +5,7 @@ Every fix the write-up proposes is one key here, read in one place:
 =========================  ===========================================  =====================================
 write-up                   key                                          read by
 =========================  ===========================================  =====================================
-gradient clipping          ``training.gradient_clip_val`` (+ ``_algorithm``)  ``Trainer(gradient_clip_val=...)``
+gradient clipping          ``training.gradient_clip_val`` (+ ``_algorithm``)  ``Trainer(gradient_clip_val=...)`` (``safety_nets``)
 the write-up's clip site   ``training.clip_via: configure_optimizers``  ``NaNStudyModule.configure_optimizers``
 NaN detection/replacement  ``training.sanitize: writeup``               ``NaNStudyModule._step``
 gradient monitoring        ``training.monitor_gradients``               ``NaNStudyModule.on_before_optimizer_step``
@@ -13,16 +13,17 @@ learning-rate warmup       ``training.warmup.enabled``                  ``NaNStu
 LayerNorm in BiMamba       ``model.norm: layernorm``                    ``BiMamba``
 smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
 (ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
-(ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``NaNStudyModule.configure_gradient_clipping``
+(ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``safety_nets`` -> ``AdaptiveGradientClipping``
                            zclip) + ``autoclip_*``, ``zclip_*``
-(ours) data guard          ``training.data_guard``                      ``kfold.make_loaders`` (``GuardedDataset``)
+(ours) data guard          ``training.data_guard``                      ``safety_nets`` -> ``DataGuard``
 =========================  ===========================================  =====================================
 
-Guards of non-finite training (``prot_lib.diagnostics``; their defaults keep the write-up's behaviour):
-``training.on_nonfinite`` (continue | stop | skip | rollback, with ``max_consecutive_skips``,
-``rollback_every``, ``rollback_lr_factor``), read by :class:`prot_lib.diagnostics.policies.NonFiniteGuard`
-from ``NaNStudyModule.configure_gradient_clipping``; ``training.checkpoint.*`` (finite, atomic
-checkpoints, off by default), read by ``train_fold`` (:mod:`prot_lib.training.checkpoint`).
+Guards of non-finite training (the callbacks of :mod:`prot_lib.callbacks`; their defaults keep the
+write-up's behaviour): ``training.on_nonfinite`` (continue | stop | skip | rollback, with
+``max_consecutive_skips``, ``rollback_every``, ``rollback_lr_factor``) -> ``NonFiniteGuard``;
+``training.checkpoint.*`` (finite, atomic checkpoints, off by default) -> ``FiniteCheckpoint``;
+``training.log_param_grad_norms`` -> ``GradNormMonitor``. All are translated in one place,
+:func:`prot_lib.training.safety_nets.safety_nets`.
 
 The write-up promises that old config files keep working: every new key has a default, and a file
 holding only ``training: {lr, weight_decay, gradient_clip_val, loss_fn}`` loads. Unknown keys and bad
@@ -81,7 +82,7 @@ class WarmupConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """Finite, atomic checkpoints (:mod:`prot_lib.training.checkpoint`); off by default, so runs
+    """Finite, atomic checkpoints (:class:`prot_lib.callbacks.FiniteCheckpoint`); off by default, so runs
     write no checkpoint files unless asked.
 
     ``monitor`` is a logged metric (``val_loss``, ``train_loss``, ``val_rmse``) or null (keep the
@@ -133,7 +134,7 @@ class TrainingConfig(_Strict):
     gradient_clip_val: Optional[float] = Field(1.0, ge=0.0, description="0 or null disables clipping")
     gradient_clip_algorithm: Literal["norm", "value", "autoclip", "zclip"] = Field(
         "norm", description="norm/value: Lightning's, at gradient_clip_val; autoclip/zclip: adaptive "
-        "(prot_lib.training.clipping), applied in configure_gradient_clipping, gradient_clip_val ignored")
+        "(prot_lib.callbacks.AdaptiveGradientClipping), gradient_clip_val then not given to the Trainer")
     clip_via: Literal["trainer", "configure_optimizers"] = "trainer"
     loss_fn: Literal["mse", "mae", "huber"] = "mse"
     max_epochs: int = Field(10, ge=1)
@@ -151,9 +152,9 @@ class TrainingConfig(_Strict):
     zclip_alpha: float = Field(0.97, gt=0.0, lt=1.0, description="ZClip's EMA decay (paper: 0.97)")
     zclip_warmup_steps: int = Field(25, ge=1, description="ZClip's warmup, optimizer steps (paper: 25)")
     data_guard: bool = Field(False, description="fail on a non-finite input/target, naming sample and "
-                             "feature (prot_lib.data.guards.GuardedDataset)")
+                             "feature (prot_lib.callbacks.DataGuard)")
 
-    # What a step with a non-finite loss or gradient does (prot_lib.diagnostics.policies):
+    # What a step with a non-finite loss or gradient does (prot_lib.callbacks.NonFiniteGuard):
     # "continue" is the write-up's behaviour (the optimizer steps anyway; the book's reproductions);
     # "stop" raises NonFiniteTrainingError with an autopsy; "skip" drops that step's update, like
     # AMP's GradScaler; "rollback" restores the last good weights and optimizer state, multiplies

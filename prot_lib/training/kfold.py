@@ -24,17 +24,19 @@ from lightning.pytorch.loggers import CSVLogger
 from sklearn.model_selection import KFold
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..data import GuardedDataset, SequenceData, load_dataset
+from ..data import SequenceData, load_dataset
+from ..diagnostics.autopsy import NonFiniteTrainingError
 from .config import RunConfig
 from .fate import FATE_COLUMNS, fold_fate, writeup_pattern
-from .checkpoint import checkpoint_callbacks
 from .history import HistoryRecorder, params_all_finite
 from .module import NaNStudyModule
 from . import run_cache
+from .safety_nets import safety_nets
 
-#: one row per fold: its fate (:mod:`prot_lib.training.fate`, the only definition) and the steps
-#: ``training.on_nonfinite`` dropped
-SUMMARY_COLUMNS = ["fold", "n_steps", *FATE_COLUMNS, "n_skipped", "n_rollbacks"]
+#: one row per fold: its fate (:mod:`prot_lib.training.fate`, the only definition), the steps
+#: ``training.on_nonfinite`` dropped, and the autopsy of the first dropped one
+SUMMARY_COLUMNS = ["fold", "n_steps", *FATE_COLUMNS, "n_skipped", "n_rollbacks", "first_dropped_step",
+                   "autopsy_verdict", "bundle"]
 
 
 def _in_ci_or_papermill() -> bool:
@@ -75,8 +77,12 @@ class KFoldResult:
         summary: one row per fold, :data:`SUMMARY_COLUMNS`: the fold's fate as
             :func:`prot_lib.training.fate.fold_fate` defines it (first non-finite loss, gradient,
             parameter and overall step, finite at the end, ``rmse_ratio``, ``fate``), and the steps
-            ``training.on_nonfinite`` dropped: ``n_skipped`` (skip), ``n_rollbacks`` (rollback).
-        param_grad_norms: per-parameter gradient norms per step (long format), when
+            ``training.on_nonfinite`` dropped: ``n_skipped`` (skip), ``n_rollbacks`` (rollback),
+            ``first_dropped_step`` (the first of them), ``autopsy_verdict`` (its autopsy's one-sentence
+            verdict: where the non-finite value came from) and ``bundle`` (its repro bundle, a path
+            string: ``python -m prot_lib autopsy BUNDLE`` replays it); None when nothing was dropped.
+        param_grad_norms: per-parameter gradient norms per step (long format: ``fold, step, param,
+            grad_norm_before_clip, grad_norm_after_clip``, plus ``param == "total"``), when
             ``training.log_param_grad_norms`` is on; else empty.
         warnings: the warnings Lightning raised during each fold, as ``"fold N: message"``.
         run_dir: the folder holding the CSV logs.
@@ -106,6 +112,12 @@ class KFoldResult:
         return [int(f) for f in s.loc[s["fate"] == "dead", "fold"]]
 
     @property
+    def all_dead(self) -> bool:
+        """Every fold that ran ended ``"dead"`` (non-finite weights or validation metrics at the end):
+        nothing this run trained can be used. The CLI exits with status 4 then."""
+        return bool(len(self.summary)) and bool((self.summary["fate"] == "dead").all())
+
+    @property
     def writeup_pattern(self) -> bool:
         """The write-up's Ishigami symptom: fold 0 stayed finite and a later fold went non-finite
         (:func:`prot_lib.training.fate.writeup_pattern`)."""
@@ -129,29 +141,35 @@ class KFoldResult:
 
 
 def _summarise(fold: int, steps: pd.DataFrame, epochs: pd.DataFrame, module: NaNStudyModule,
-               val_targets: torch.Tensor) -> dict:
+               val_targets: torch.Tensor, recorder: HistoryRecorder) -> dict:
+    guard = recorder.guard
+    dropped = guard is not None and guard.first_step is not None
+    report = guard.first_report if dropped else None
     return {
         "fold": fold, "n_steps": len(steps),
         **fold_fate(steps, epochs, params_all_finite(module), val_targets.numpy()),
         "n_skipped": int((steps["action"] == "skip").sum()) if "action" in steps else 0,
         "n_rollbacks": int((steps["action"] == "rollback").sum()) if "action" in steps else 0,
+        "first_dropped_step": guard.first_step if dropped else None,
+        "autopsy_verdict": report.verdict() if report is not None else None,
+        "bundle": str(guard.first_bundle) if dropped and guard.first_bundle is not None else None,
     }
 
 
 def make_loaders(data: SequenceData, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int,
-                 guard: bool = False, allow_missing_targets: bool = False):
+                 with_rows: bool = False):
     """Train/val DataLoaders over ``(x: (batch, L, F), y: (batch,))``; the train order is seeded.
 
-    With ``guard`` (``training.data_guard``) the rows are a :class:`~prot_lib.data.GuardedDataset`: same
-    batches, but a non-finite input (or target, unless ``allow_missing_targets``) raises ``DataError``
-    naming the row, its row id and the feature when its batch is fetched.
+    With ``with_rows`` (``training.data_guard``) each batch is ``(x, y, rows)``: the same ``x`` and ``y``
+    in the same order, plus ``rows: (batch,) int64``, each sample's row in ``data``, so that
+    :class:`prot_lib.callbacks.DataGuard` can name the row and its id.
     """
-    if guard:
-        train = GuardedDataset(data, train_idx, allow_missing_targets=allow_missing_targets)
-        val = GuardedDataset(data, val_idx, allow_missing_targets=allow_missing_targets)
-    else:
-        train = TensorDataset(data.x[train_idx], data.y[train_idx])
-        val = TensorDataset(data.x[val_idx], data.y[val_idx])
+    def dataset(idx):
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        tensors = (data.x[idx], data.y[idx]) + ((idx,) if with_rows else ())
+        return TensorDataset(*tensors)
+
+    train, val = dataset(train_idx), dataset(val_idx)
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(val, batch_size=max(batch_size, 256), shuffle=False))
@@ -164,31 +182,32 @@ def fold_indices(n: int, k: int, seed: int) -> List[tuple]:
 
 def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_idx, run_dir: Path,
                progress: bool = False, callbacks: Sequence[pl.Callback] = (), max_steps: int = -1):
-    """Train one fold; returns ``(module, recorder, warnings)``."""
+    """Train one fold; returns ``(module, recorder, warnings)``.
+
+    The Trainer gets ``callbacks`` first (so e.g. a fault planted in a gradient is seen by the guard),
+    then the safety nets the config asks for (:func:`prot_lib.training.safety_nets.safety_nets`), the
+    :class:`HistoryRecorder` (``recorder.guard`` is the fold's guard, if any), then early stopping and
+    checkpointing.
+
+    Raises:
+        NonFiniteTrainingError: ``training.on_nonfinite`` stopped the fold; ``err.history`` holds the
+            steps before it.
+        prot_lib.data.DataError: ``training.data_guard`` met a non-finite input or target.
+    """
     t = config.training
     pl.seed_everything(t.seed + fold, workers=True, verbose=False)
     fold_data = data.normalized(train_idx) if config.data.normalize else data
     train_dl, val_dl = make_loaders(fold_data, train_idx, val_idx, t.batch_size, t.seed + fold,
-                                    guard=t.data_guard, allow_missing_targets=t.mask_missing_targets)
+                                    with_rows=t.data_guard)
     module = NaNStudyModule(config, n_features=fold_data.x.shape[-1])
-    module.fold, module.bundle_dir = fold, Path(run_dir) / f"fold{fold}"
-    recorder = HistoryRecorder(fold)
-    # training.on_nonfinite's EarlyStopping backstop, training.checkpoint's finite atomic checkpoints
-    # (both empty by default). Imported here: prot_lib.diagnostics imports this package.
-    from ..diagnostics.autopsy import NonFiniteTrainingError
-    from ..diagnostics.policies import early_stopping
-    ckpt_callbacks, plugins = checkpoint_callbacks(config, module.bundle_dir)
-    # autoclip/zclip are applied by the module itself: Lightning's Trainer rejects those algorithm names
-    clip_in_trainer = t.clip_via == "trainer" and t.clip_enabled and not t.adaptive_clip
+    nets = safety_nets(config, Path(run_dir) / f"fold{fold}", fold, fold_data)
+    recorder = HistoryRecorder(fold, monitor=nets.monitor, guard=nets.guard, clipper=nets.clipper)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=t.max_epochs, max_steps=max_steps,
-        gradient_clip_val=t.gradient_clip_val if clip_in_trainer else None,
-        gradient_clip_algorithm=t.gradient_clip_algorithm if clip_in_trainer else None,
         logger=CSVLogger(str(run_dir), name=f"fold{fold}", version=""),
-        callbacks=[recorder, *callbacks, *early_stopping(t), *ckpt_callbacks],
-        enable_checkpointing=bool(ckpt_callbacks), plugins=plugins or None,
+        callbacks=[*callbacks, *nets.step_callbacks, recorder, *nets.end_callbacks],
         enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True,
+        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True, **nets.trainer_kwargs,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -232,7 +251,10 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         :class:`KFoldResult`.
 
     Raises:
-        prot_lib.data.DataError: the dataset files are missing or malformed.
+        prot_lib.data.DataError: the dataset files are missing or malformed, or ``training.data_guard``
+            met a non-finite input or target (the message names batch, row and feature).
+        prot_lib.callbacks.NonFiniteTrainingError: ``training.on_nonfinite`` stopped a fold (``stop``, or
+            ``max_consecutive_skips`` dropped steps in a row); ``err.report`` is the autopsy.
     """
     t = config.training
     fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
@@ -295,7 +317,7 @@ def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_model
                                             progress=progress, callbacks=callbacks, max_steps=max_steps)
         s_df = pd.DataFrame(rec.steps)
         e_df = pd.DataFrame(rec.epochs)
-        summaries.append(_summarise(fold, s_df, e_df, module, data.y[val_idx]))
+        summaries.append(_summarise(fold, s_df, e_df, module, data.y[val_idx], rec))
         steps.append(s_df)
         epochs.append(e_df)
         pgn.append(pd.DataFrame(rec.param_grad_norms))
@@ -308,7 +330,7 @@ def _run_kfold(config, fold_list, data, run_dir, progress, callbacks, keep_model
         history = history.merge(epochs_df[["fold", "epoch", "val_loss"]], on=["fold", "epoch"], how="left")
     summary = pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)
     for col in ("first_nonfinite_loss_step", "first_nonfinite_grad_step", "first_nonfinite_param_step",
-                "first_nonfinite_step", "first_nonfinite_epoch"):
+                "first_nonfinite_step", "first_nonfinite_epoch", "first_dropped_step"):
         summary[col] = summary[col].astype("Int64")
     return KFoldResult(config=config, history=history, epochs=epochs_df, summary=summary,
                        param_grad_norms=pd.concat(pgn, ignore_index=True) if pgn else pd.DataFrame(),

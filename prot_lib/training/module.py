@@ -2,75 +2,113 @@
 
 The step follows the write-up's ``_step`` (proT ``baseline_pl_modules.py`` as described in
 ``shared/seeds``) when ``training.sanitize: writeup``; gradient monitoring follows its
-``on_before_optimizer_step``; clipping happens where Lightning really applies it
-(``Trainer(gradient_clip_val=...)`` -> :meth:`configure_gradient_clipping`), or, behind
-``training.clip_via: configure_optimizers``, where the write-up put it: a ``gradient_clip_val`` key in
-the dict returned by :meth:`configure_optimizers`, which Lightning 2.x only warns about
-("Found unsupported keys in the optimizer configuration") and never applies.
+``on_before_optimizer_step``. Clipping happens where Lightning really applies it
+(``Trainer(gradient_clip_val=...)``, Lightning's own ``configure_gradient_clipping``, not overridden
+here), or, behind ``training.clip_via: configure_optimizers``, where the write-up put it: a
+``gradient_clip_val`` key in the dict returned by :meth:`configure_optimizers`, which Lightning 2.x only
+warns about ("Found unsupported keys in the optimizer configuration") and never applies.
 
-Every optimizer step, the total gradient norm before and after clipping is measured in
-:meth:`configure_gradient_clipping` (the hook Lightning calls after ``on_before_optimizer_step``,
-right before ``optimizer.step``), so tests and the book can prove whether clipping happened.
+The safety nets (guard, gradient-norm monitor, adaptive clipping, finite checkpoints, data guard) are
+not in this class: they are the callbacks of :mod:`prot_lib.callbacks`, which work on any
+LightningModule; :mod:`prot_lib.training.safety_nets` builds them from the config for
+:func:`prot_lib.training.run_kfold`. This module only exposes what they need of it: the raw loss of
+a step (:meth:`NaNStudyModule.raw_loss`, replayed by the autopsy as :class:`RawTrainingLoss`).
 """
 from __future__ import annotations
 
+import functools
 import math
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
+from torch import nn
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
+from ..diagnostics.grads import total_grad_norm
 from ..models import S6Regressor
-from .clipping import make_clipper
-from .config import RunConfig
+from .config import RunConfig, config_from_dict
+
+__all__ = ["NaNStudyModule", "RawTrainingLoss", "parameter_groups", "total_grad_norm", "SANITIZE_CLAMP",
+           "SANITIZE_LOSS_FILL", "NO_DECAY_MODULES"]
 
 #: the write-up's sanitisation constants
 SANITIZE_CLAMP = 1e6
 SANITIZE_LOSS_FILL = 1e6
 
+# element-wise losses (module-level partials, so a module can be pickled)
 _LOSSES = {
-    "mse": lambda p, t: F.mse_loss(p, t, reduction="none"),
-    "mae": lambda p, t: F.l1_loss(p, t, reduction="none"),
-    "huber": lambda p, t: F.huber_loss(p, t, reduction="none", delta=1.0),
+    "mse": functools.partial(F.mse_loss, reduction="none"),
+    "mae": functools.partial(F.l1_loss, reduction="none"),
+    "huber": functools.partial(F.huber_loss, reduction="none", delta=1.0),
 }
 
+#: modules whose parameters get no weight decay (the normalisation layers)
+NO_DECAY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                    nn.modules.batchnorm._NormBase)
 
-def total_grad_norm(parameters) -> torch.Tensor:
-    """L2 norm of all gradients viewed as one vector (0-dim tensor; inf/NaN propagate).
 
-    Same quantity as ``torch.nn.utils.get_total_norm`` / ``clip_grad_norm_``'s return value.
+def parameter_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW parameter groups following mamba-ssm's training recipe: no weight decay on biases
+    (``dt_proj.bias`` included), on normalisation weights, and on parameters marked
+    ``_no_weight_decay`` (``A_log``, ``D``: :class:`prot_lib.models.Mamba`); decay on everything else
+    (the weight matrices and the conv kernel).
+
+    Mirrors ``group_parameters_for_optimizer(bias_weight_decay=False, normalization_weight_decay=False)``
+    of the Mamba authors' training code (Dao-AILab/flash-attention, ``training/src/optim/param_grouping.py``),
+    which honours ``_no_weight_decay`` and exempts ``*bias`` and the normalisation modules.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay, "names": [...]},
+        {"params": exempt, "weight_decay": 0.0, "names": [...]}]`` (the second only when non-empty); each
+        group's ``names`` lists its parameters' qualified names in module order (torch optimizers keep
+        extra keys of a group).
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    decay, no_decay = ([], []), ([], [])
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = (getattr(p, "_no_weight_decay", False) or p_name.endswith("bias")
+                      or isinstance(mod, NO_DECAY_MODULES))
+            names, params = no_decay if exempt else decay
+            names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+            params.append(p)
+    groups = [{"params": decay[1], "weight_decay": weight_decay, "names": decay[0]}]
+    if no_decay[1]:
+        groups.append({"params": no_decay[1], "weight_decay": 0.0, "names": no_decay[0]})
+    return groups
 
 
 class NaNStudyModule(pl.LightningModule):
     """S6Regressor + loss + optimizer, with the write-up's fixes as switches.
 
     Args:
-        config: the validated :class:`RunConfig`.
+        config: the validated :class:`RunConfig`, or its dict (``RunConfig.to_dict()``, what
+            ``save_hyperparameters`` stores: so Lightning's ``load_from_checkpoint`` and the autopsy can
+            rebuild the module from its hyper-parameters).
         n_features: F, the width of each token of the input ``x: (batch, L, F)``.
 
-    Batches are ``(x, y)`` with ``x: (batch, L, F) float32`` and ``y: (batch,) float32`` (raw units of
-    the target). Logged metrics: ``train_loss``, ``val_loss``, ``val_rmse`` (target units), and with
-    sanitisation on the write-up's ``{stage}_nan_detected``, ``{stage}_loss_nan_detected``,
-    ``{stage}_final_loss_nan``; with monitoring on ``invalid_gradients_detected`` and
-    ``grad_norm_{param_name}`` (only for parameters whose gradient is non-finite).
+    Batches are ``(x, y)`` or ``(x, y, rows)`` with ``x: (batch, L, F) float32``, ``y: (batch,) float32``
+    (raw units of the target) and ``rows`` the dataset rows (read by the data guard only). Logged
+    metrics: ``train_loss``, ``val_loss``, ``val_rmse`` (target units), and with sanitisation on the
+    write-up's ``{stage}_nan_detected``, ``{stage}_loss_nan_detected``, ``{stage}_final_loss_nan``; with
+    monitoring on ``invalid_gradients_detected`` and ``grad_norm_{param_name}`` (the write-up's names:
+    the pre-clip norm of each parameter whose gradient is non-finite).
 
-    After every optimizer step, :attr:`last_step_record` holds the numbers of that step
-    (``lr``, ``grad_norm_before_clip``, ``grad_norm_after_clip``, ``raw_loss``, ``train_loss``,
-    ``action``: "step", or "skip"/"rollback" when ``training.on_nonfinite`` dropped the step),
-    read by :class:`prot_lib.training.history.HistoryRecorder`.
+    After every training step, :attr:`last_step_record` holds ``raw_loss`` (the loss before any
+    sanitisation: NaN predictions are not replaced in it) and ``train_loss`` (the loss that was
+    back-propagated and logged), read by :class:`prot_lib.training.history.HistoryRecorder`.
+
+    Raises:
+        ConfigError: ``config`` is a dict that does not validate.
     """
 
-    def __init__(self, config: RunConfig, n_features: int):
+    def __init__(self, config: Union[RunConfig, Mapping[str, Any]], n_features: int):
         super().__init__()
+        if not isinstance(config, RunConfig):
+            config = config_from_dict(config, source="NaNStudyModule hyper-parameters")
         self.config = config
         self.save_hyperparameters({"config": config.to_dict(), "n_features": n_features})
         m = config.model
@@ -81,18 +119,6 @@ class NaNStudyModule(pl.LightningModule):
         )
         self.loss_elements = _LOSSES[config.training.loss_fn]
         self.last_step_record: Dict[str, float] = {}
-        self.param_grad_norms: Optional[Dict[str, float]] = None
-        # training.on_nonfinite (prot_lib.diagnostics.policies); None under "continue". Imported here:
-        # prot_lib.diagnostics imports this module.
-        from ..diagnostics.policies import make_guard
-        self.guard = make_guard(config.training)
-        #: set by ``train_fold``: the fold index and the folder for repro bundles (``<run_dir>/fold<k>``)
-        self.fold: Optional[int] = None
-        self.bundle_dir: Optional[Path] = None
-        #: the current training batch (a reference, no copy): what a non-finite step's autopsy replays
-        self.last_batch = None
-        #: AutoClip/ZClip state when ``training.gradient_clip_algorithm`` is adaptive, else None
-        self.clipper = make_clipper(config.training)
         self._val_sse = 0.0
         self._val_loss_sum = 0.0
         self._val_n = 0
@@ -103,23 +129,38 @@ class NaNStudyModule(pl.LightningModule):
         """x: (batch, L, F) -> predictions (batch,)."""
         return self.model(x)
 
+    def _valid(self, y: torch.Tensor) -> torch.Tensor:
+        """Targets that enter the loss: all, or the non-NaN ones (``training.mask_missing_targets``)."""
+        if self.config.training.mask_missing_targets:
+            return ~torch.isnan(y)
+        return torch.ones_like(y, dtype=torch.bool)
+
+    def raw_loss(self, batch) -> torch.Tensor:
+        """The training loss before any sanitisation: ``mean(loss_elements(pred[valid], y[valid]))``
+        on the unmodified predictions (scalar, with its graph). What the autopsy replays."""
+        x, y = batch[0], batch[1]
+        valid = self._valid(y)
+        return self.loss_elements(self(x)[valid], y[valid]).mean()
+
     def _step(self, batch, stage: str):
-        x, y = batch
+        x, y = batch[0], batch[1]
         t = self.config.training
         pred = self(x)
+        valid = self._valid(y)
         sanitize = t.sanitize == "writeup"
-        if sanitize:
+        # the TRUE raw loss: before the write-up's prediction replacement, clamp and loss fill
+        with torch.set_grad_enabled(not sanitize and torch.is_grad_enabled()):
+            raw_el = self.loss_elements(pred[valid], y[valid])
+        raw_loss = raw_el.detach().mean() if raw_el.numel() else torch.tensor(0.0)
+        if not sanitize:
+            loss_el = raw_el
+        else:
             # The write-up's prediction check: NaN -> 0, then clamp to [-1e6, 1e6].
             nan_pred = torch.isnan(pred).any()
             self.log(f"{stage}_nan_detected", nan_pred.float(), on_step=True, on_epoch=False)
             pred = torch.where(torch.isnan(pred), torch.zeros_like(pred), pred)
             pred = torch.clamp(pred, -SANITIZE_CLAMP, SANITIZE_CLAMP)
-        valid = torch.ones_like(y, dtype=torch.bool)
-        if t.mask_missing_targets:
-            valid = ~torch.isnan(y)
-        loss_el = self.loss_elements(pred[valid], y[valid])
-        raw_loss = loss_el.detach().mean() if loss_el.numel() else torch.tensor(0.0)
-        if sanitize:
+            loss_el = self.loss_elements(pred[valid], y[valid])
             # The write-up's loss check: NaN loss elements -> a large penalty.
             nan_loss = torch.isnan(loss_el).any()
             self.log(f"{stage}_loss_nan_detected", nan_loss.float(), on_step=True, on_epoch=False)
@@ -135,7 +176,6 @@ class NaNStudyModule(pl.LightningModule):
         return loss, raw_loss, pred.detach(), y, valid
 
     def training_step(self, batch, batch_idx):
-        self.last_batch = batch
         loss, raw_loss, _, _, _ = self._step(batch, "train")
         self.log("train_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.last_step_record = {"raw_loss": float(raw_loss), "train_loss": float(loss.detach())}
@@ -162,72 +202,25 @@ class NaNStudyModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ gradients
     def on_before_optimizer_step(self, optimizer):
-        """Runs after backward and BEFORE clipping (Lightning's order): it sees unclipped gradients."""
-        t = self.config.training
-        if t.log_param_grad_norms:
-            norms = grad_norm(self, norm_type=2)
-            self.param_grad_norms = {k.split("/", 1)[1] if "/" in k else k: float(v) for k, v in norms.items()}
-        if t.monitor_gradients:
-            # The write-up's monitoring: one isnan/isinf check per parameter.
-            invalid = False
-            for name, p in self.named_parameters():
-                if p.grad is not None and (torch.isnan(p.grad).any() or torch.isinf(p.grad).any()):
-                    invalid = True
-                    self.log(f"grad_norm_{name}", p.grad.norm(), on_step=True, on_epoch=False)
-            self.log("invalid_gradients_detected", float(invalid), on_step=True, on_epoch=False)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Lightning's clipping (``self.clip_gradients``), with the total norm measured on both sides.
-
-        ``gradient_clip_val`` comes from ``Trainer(gradient_clip_val=...)``; it is None when the write-up's
-        ``configure_optimizers`` dict carries the value instead, and then nothing is clipped.
-
-        With ``training.gradient_clip_algorithm`` autoclip/zclip the Trainer gets no clip value (it accepts
-        only "norm"/"value"); the threshold comes from :attr:`clipper` (fed this step's pre-clip norm) and
-        the gradients are scaled here by ``clip_grads_with_norm_``. ``last_step_record["clip_threshold"]``
-        is the bound used this step (NaN: none, e.g. no clipping or ZClip's warmup).
-        """
-        params = [p for p in self.parameters() if p.grad is not None]
-        before = total_grad_norm(params)
-        # training.on_nonfinite: the fused check, on this norm and the loss (both computed anyway). A
-        # dropped step ("skip"/"rollback") has no gradients left: nothing to clip, nothing fed to a clipper.
-        action = "step" if self.guard is None else self.guard.check(self, optimizer, float(before))
-        if action != "step":
-            threshold = math.nan
-        elif self.clipper is not None:
-            threshold = self.clipper.threshold(float(before))
-            if params and math.isfinite(threshold):
-                torch.nn.utils.clip_grads_with_norm_(params, threshold, before)
-        else:
-            threshold = float(gradient_clip_val) if gradient_clip_val else math.nan
-            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                                gradient_clip_algorithm=gradient_clip_algorithm)
-        after = total_grad_norm(params)
-        self.last_step_record.update(
-            grad_norm_before_clip=float(before),
-            grad_norm_after_clip=float(after),
-            lr=float(optimizer.param_groups[0]["lr"]),
-            clip_threshold=threshold,
-            action=action,
-        )
-        if self.clipper is not None:
-            self.log("clip_threshold", threshold, on_step=True, on_epoch=False)
-        self.log("grad_norm_before_clip", before, on_step=True, on_epoch=False)
-        self.log("grad_norm_after_clip", after, on_step=True, on_epoch=False)
+        """The write-up's monitoring (``training.monitor_gradients``): one isnan/isinf check per parameter,
+        and ``grad_norm_{name}`` logged for each parameter whose gradient is non-finite. Lightning runs
+        this hook after backward and BEFORE clipping: the norms are pre-clip."""
+        if not self.config.training.monitor_gradients:
+            return
+        invalid = False
+        for name, p in self.named_parameters():
+            if p.grad is not None and (torch.isnan(p.grad).any() or torch.isinf(p.grad).any()):
+                invalid = True
+                self.log(f"grad_norm_{name}", p.grad.norm(), on_step=True, on_epoch=False)
+        self.log("invalid_gradients_detected", float(invalid), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        """AdamW (no weight decay on A_log, D and biases' ``_no_weight_decay`` params), optional
-        LinearLR -> StepLR warmup via SequentialLR, and, when ``clip_via: configure_optimizers``, the
-        write-up's ``gradient_clip_val`` key in the returned dict."""
+        """AdamW over :func:`parameter_groups` (no weight decay on biases, norm weights, A_log, D),
+        optional LinearLR -> StepLR warmup via SequentialLR, and, when ``clip_via: configure_optimizers``,
+        the write-up's ``gradient_clip_val`` key in the returned dict."""
         t = self.config.training
-        decay, no_decay = [], []
-        for p in self.parameters():
-            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": t.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=t.lr)
+        opt = torch.optim.AdamW(parameter_groups(self, t.weight_decay), lr=t.lr)
         out: Dict[str, Any] = {"optimizer": opt}
         w = t.warmup
         if w.enabled:
@@ -238,3 +231,18 @@ class NaNStudyModule(pl.LightningModule):
         if t.clip_via == "configure_optimizers" and t.clip_enabled:
             out["gradient_clip_val"] = t.gradient_clip_val
         return out
+
+
+class RawTrainingLoss:
+    """``RawTrainingLoss(name)(module, batch)``: :meth:`NaNStudyModule.raw_loss`, the loss the autopsy
+    replays (the guard's ``replay_loss``). A picklable class, so repro bundles can hold it; ``name``
+    (``"mse"``, ``"mse (NaN targets masked)"``) is what the report calls the loss."""
+
+    def __init__(self, name: str = "loss") -> None:
+        self.__name__ = name
+
+    def __call__(self, module: NaNStudyModule, batch) -> torch.Tensor:
+        return module.raw_loss(batch)
+
+    def __repr__(self) -> str:
+        return f"RawTrainingLoss({self.__name__!r})"

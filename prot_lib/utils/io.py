@@ -19,7 +19,7 @@ from typing import IO, Any, Iterator, Union
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,6 +50,32 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) 
             yield f
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary *path* beside ``path``; on a clean exit fsync it and move it onto ``path``.
+
+    For writers that take a file name rather than an open file (Lightning's
+    ``trainer.save_checkpoint`` through any ``CheckpointIO``). The caller writes the temporary file.
+
+    Raises:
+        FileNotFoundError: the writer did not create the temporary file.
+        Whatever the body raises: the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:  # the data is on disk before the name points at it
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -196,13 +196,14 @@ def plot_lr(history: pd.DataFrame, ax=None, title: Optional[str] = None, label: 
 
 def plot_param_grad_heatmap(param_grad_norms: pd.DataFrame, fold: int, max_params: int = 40, ax=None,
                             title: Optional[str] = None, every: int = 1):
-    """Heatmap of log10 per-parameter gradient norm (rows: parameters, columns: steps).
+    """Heatmap of log10 per-parameter gradient norm before clipping (rows: parameters, columns: steps),
+    from ``KFoldResult.param_grad_norms`` (column ``grad_norm_before_clip``).
 
     Non-finite norms are drawn in red on top, so the first bad parameter stands out.
     """
     d = param_grad_norms[(param_grad_norms["fold"] == fold) & (param_grad_norms["param"] != "total")]
-    d = d[d["param"] != "grad_2.0_norm_total"]
-    table = d.pivot_table(index="param", columns="step", values="grad_norm", aggfunc="first", dropna=False)
+    table = d.pivot_table(index="param", columns="step", values="grad_norm_before_clip", aggfunc="first",
+                          dropna=False)
     order = [n for n in d["param"].drop_duplicates()][:max_params]
     table = table.loc[[n for n in order if n in table.index]]
     if every > 1:

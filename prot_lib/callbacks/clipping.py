@@ -3,14 +3,21 @@
 A fixed ``gradient_clip_val`` has to be tuned: the right value depends on the model, the data scale, the
 loss and the learning rate, and it drifts during training. Both algorithms here replace the value by a
 threshold computed from the run's own history of total gradient norms (the L2 norm of all gradients as
-one vector, what ``clip_grad_norm_`` measures). Each keeps that history in a small object with one
-method, :meth:`threshold`, called once per optimizer step with the step's pre-clip norm; the caller
-(:meth:`prot_lib.training.module.NaNStudyModule.configure_gradient_clipping`) then scales the gradients
-with ``torch.nn.utils.clip_grads_with_norm_(params, threshold, norm)``.
+one vector, what ``clip_grad_norm_`` measures; here without float32 overflow,
+:mod:`prot_lib.diagnostics.grads`). Each keeps that history in a small object with one method,
+:meth:`threshold`, called once per optimizer step with the step's pre-clip norm.
 
-Switch: ``training.gradient_clip_algorithm: autoclip | zclip`` (parameters ``training.autoclip_percentile``,
-``training.zclip_z_thresh``, ``training.zclip_alpha``, ``training.zclip_warmup_steps``). The fixed
-``training.gradient_clip_val`` is ignored by these algorithms: not needing it is their point.
+:class:`AdaptiveGradientClipping` is the Lightning callback for any LightningModule: in
+``on_before_optimizer_step`` (after backward, before Lightning's own ``gradient_clip_val`` clipping and
+``optimizer.step``) it feeds the pre-clip norm to the algorithm and scales the gradients as
+``torch.nn.utils.clip_grads_with_norm_`` does (by ``threshold / (norm + 1e-6)`` when the norm exceeds the
+threshold). Its state is saved in and restored from Lightning checkpoints (``state_dict`` /
+``load_state_dict``), so a resumed run clips exactly as an uninterrupted one.
+
+Config switch of ``prot_lib``'s own runs: ``training.gradient_clip_algorithm: autoclip | zclip``
+(parameters ``training.autoclip_percentile``, ``training.zclip_z_thresh``, ``training.zclip_alpha``,
+``training.zclip_warmup_steps``), translated by :func:`prot_lib.training.safety_nets.safety_nets`. The
+fixed ``training.gradient_clip_val`` is then not given to the Trainer: not needing it is their point.
 
 AutoClip (Seetharaman, Wichern, Pardo, Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for Source
 Separation Networks", MLSP 2020, arXiv:2007.14469)
@@ -39,30 +46,39 @@ arXiv:2504.02507)
     "zscore", the name of the authors' code), ``"max"`` (xi = z_thresh: clip to mu + z_thresh sigma, what
     the authors' code calls "percentile" mode) or ``"mean"`` (xi = 0). Defaults alpha = 0.97,
     z_thresh = 2.5, warmup 25 steps, eps = 1e-6 are the paper's / code's.
-    Checked against the authors' code (``bluorion-com/ZClip``, ``zclip.py``) before trusting it; we do NOT
-    follow it in three places: (1) its ``max_grad_norm`` defaults to 1.0, so out of the box it is *also* a
-    fixed clip at 1.0 (and clips at 1.0 during warmup): here there is no fixed ceiling, the warmup does
-    not clip; (2) a NaN/inf norm enters its EMA and poisons mu and sigma for the rest of training
-    (z becomes NaN, ``z > z_thresh`` is then always False: clipping silently stops); (3) some
-    revisions of its file call a method under a name they do not define (``apply_in_place_clipping`` in
-    ``zclip.py`` at commit 134344f), so they fail at the first step after the warmup.
+    Checked against the authors' code (``bluorion-com/ZClip``, ``zclip.py``; PyPI ``zclip`` 1.0.0, whose
+    ``mode="zscore", clip_option="adaptive_scaling"`` is our ``"reciprocal"``): with ``max_grad_norm=None``
+    it gives the same thresholds on the same run (``tests/test_callbacks.py``:
+    ``test_zclip_matches_the_pypi_package``, relative difference below 1e-6). We do NOT follow it in
+    three places: (1) its ``max_grad_norm`` defaults to 1.0, so out of the box it is *also* a fixed clip
+    at 1.0 (and clips at 1.0 during warmup): here there is no fixed ceiling, the warmup does not clip;
+    (2) a NaN/inf norm enters its EMA and poisons mu and sigma for the rest of training (z becomes NaN,
+    ``z > z_thresh`` is then always False: clipping silently stops); (3) it measures the norm in the
+    parameters' dtype, so above ~1.8e19 a finite float32 gradient has an inf norm (and some revisions
+    of its file call a method under a name they do not define: ``apply_in_place_clipping`` in
+    ``zclip.py`` at commit 134344f).
 
 Non-finite norms (both algorithms). A NaN or inf norm is never added to the statistics, so one bad step
-cannot disable clipping for the rest of the run. Such a gradient cannot be repaired by scaling: the
-threshold returned for it is the current one, and ``clip_grads_with_norm_`` then multiplies the
-gradients by max_norm / (inf or NaN) = 0 or NaN, so the step's gradient is non-finite, exactly as with
-Lightning's fixed norm clipping. That is left visible on purpose: what to do with such a step is the job
-of ``training.on_nonfinite`` (skip, roll back, fail fast), not of the clipper.
+cannot disable clipping for the rest of the run. Such a gradient cannot be repaired by scaling, and
+:class:`AdaptiveGradientClipping` leaves it as it is: what to do with such a step is the job of
+:class:`prot_lib.callbacks.NonFiniteGuard` (skip, roll back, fail fast), not of the clipper. (Lightning's
+fixed norm clipping instead multiplies it by max_norm / inf = 0, which turns an inf into NaN and zeroes
+the finite elements.) A step the guard dropped has no gradients: nothing is fed to the algorithm.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 import numpy as np
+import torch
+
+from ..compat import Callback
+from ..diagnostics.grads import forget, pre_clip_grad_norms, track
 
 ZCLIP_MODES = ("reciprocal", "max", "mean")
+ALGORITHMS = ("autoclip", "zclip")
 
 
 class AutoClip:
@@ -213,16 +229,74 @@ class ZClip:
                 f"mode={self.mode!r}, mean={self.mean}, var={self.var})")
 
 
-def make_clipper(training_config) -> Optional[object]:
-    """The adaptive clipper a :class:`~prot_lib.training.config.TrainingConfig` asks for, else None.
+class AdaptiveGradientClipping(Callback):
+    """Clip the total gradient norm at an adaptive threshold: AutoClip or ZClip, as a Lightning callback.
 
-    Reads ``gradient_clip_algorithm`` ("autoclip" | "zclip"), ``autoclip_percentile``, ``zclip_alpha``,
-    ``zclip_z_thresh``, ``zclip_warmup_steps``.
+    Works with any LightningModule using automatic optimization, under ``lightning.pytorch`` and
+    ``pytorch_lightning``, alone or with ``Trainer(gradient_clip_val=...)`` (Lightning's fixed clipping
+    then runs after this one, as a ceiling).
+
+    Args:
+        algorithm: ``"autoclip"`` (:class:`AutoClip`) or ``"zclip"`` (:class:`ZClip`).
+        percentile, history: AutoClip's arguments (paper: p = 10, whole history).
+        alpha, z_thresh, warmup_steps, mode, eps: ZClip's arguments (paper: 0.97, 2.5, 25, "reciprocal", 1e-6).
+        log: log ``clip_threshold`` (the bound of each step; NaN when none, e.g. during ZClip's warmup)
+            through ``pl_module.log``.
+
+    Attributes:
+        clipper: the :class:`AutoClip` / :class:`ZClip` (its statistics).
+        last_threshold: the bound used at the latest optimizer step (NaN: none).
+
+    Raises:
+        ValueError: unknown ``algorithm`` or an argument out of range (names it).
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaptiveGradientClipping("zclip")])
     """
-    algo = training_config.gradient_clip_algorithm
-    if algo == "autoclip":
-        return AutoClip(percentile=training_config.autoclip_percentile)
-    if algo == "zclip":
-        return ZClip(alpha=training_config.zclip_alpha, z_thresh=training_config.zclip_z_thresh,
-                     warmup_steps=training_config.zclip_warmup_steps)
-    return None
+
+    def __init__(self, algorithm: str = "autoclip", percentile: float = 10.0, history: Optional[int] = None,
+                 alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, mode: str = "reciprocal",
+                 eps: float = 1e-6, log: bool = True) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
+        self.clipper = (AutoClip(percentile=percentile, history=history) if algorithm == "autoclip" else
+                        ZClip(alpha=alpha, z_thresh=z_thresh, warmup_steps=warmup_steps, mode=mode, eps=eps))
+        self._log = log
+        self.last_threshold = math.nan
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        track(pl_module)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        forget(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        forget(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        norms = pre_clip_grad_norms(pl_module)
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:  # dropped by NonFiniteGuard (or no gradient at all): nothing to learn from, nothing to clip
+            threshold = math.nan
+        else:
+            total = norms.total_value()
+            threshold = self.clipper.threshold(total)
+            if math.isfinite(total) and math.isfinite(threshold) and total > threshold:
+                # torch.nn.utils.clip_grads_with_norm_'s coefficient, computed in float64
+                torch._foreach_mul_(grads, threshold / (total + 1e-6))
+        self.last_threshold = threshold
+        if self._log:
+            pl_module.log("clip_threshold", threshold, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"algorithm": self.algorithm, "clipper": self.clipper.state_dict()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict["algorithm"] != self.algorithm:
+            raise ValueError(f"checkpoint holds {state_dict['algorithm']} state, this callback is {self.algorithm}")
+        self.clipper.load_state_dict(state_dict["clipper"])
+
+    def __repr__(self) -> str:
+        return f"AdaptiveGradientClipping({self.clipper!r})"
