@@ -10,13 +10,25 @@ the write-up's clip site   ``training.clip_via: configure_optimizers``  ``NaNStu
 NaN detection/replacement  ``training.sanitize: writeup``               ``NaNStudyModule._step``
 gradient monitoring        ``training.monitor_gradients``               ``NaNStudyModule.on_before_optimizer_step``
 learning-rate warmup       ``training.warmup.enabled``                  ``NaNStudyModule.configure_optimizers``
-LayerNorm in BiMamba       ``model.norm: layernorm``                    ``BiMamba``
+LayerNorm after every      ``model.norm: layernorm`` +                  ``BiMambaStacks.block_step``
+Mamba layer (their final   ``model.norm_position: post`` (fix
+fix, ``postnorm``)         ``postnorm``)
+fallbacks of that fix      ``model.n_layers`` (fewer layers),           ``build_model``
+                           ``model.residual`` (residual connections),
+                           ``model.d_model`` (smaller d_model)
+(ours) mamba-ssm's pre-    ``model.norm: layernorm`` + ``norm_position:  ``BiMambaStacks`` / ``BiMamba``
+norm residual blocks       pre`` + ``residual: true`` (fix
+(``layernorm``)            ``layernorm``)
 smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
 (ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
 (ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``NaNStudyModule.configure_gradient_clipping``
                            zclip) + ``autoclip_*``, ``zclip_*``
 (ours) data guard          ``training.data_guard``                      ``kfold.make_loaders`` (``GuardedDataset``)
 =========================  ===========================================  =====================================
+
+The model itself: ``model.topology`` (``stacks``: the write-up's two directional stacks, no residual,
+no norm, concatenated; ``layers``: a Vim-style residual stack), read by
+:func:`prot_lib.models.build_model`; see :class:`ModelConfig`.
 
 Guards of non-finite training (``prot_lib.diagnostics``; their defaults keep the write-up's behaviour):
 ``training.on_nonfinite`` (continue | stop | skip | rollback, with ``max_consecutive_skips``,
@@ -42,9 +54,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-FIXES = ("none", "clip", "dict-clip", "sanitize", "warmup", "layernorm", "normalize", "lower-lr", "all")
-#: the fixes combined by ``--fix all`` (dict-clip is the write-up's broken variant of clip)
-ALL_FIXES = ("clip", "sanitize", "warmup", "layernorm", "normalize")
+FIXES = ("none", "clip", "dict-clip", "sanitize", "warmup", "postnorm", "layernorm", "normalize", "lower-lr",
+         "all")
+#: the fixes combined by ``--fix all``: the write-up's (its final LayerNorm fix is ``postnorm``;
+#: dict-clip is its broken variant of clip) plus our input normalisation
+ALL_FIXES = ("clip", "sanitize", "warmup", "postnorm", "normalize")
 
 
 class ConfigError(ValueError):
@@ -97,16 +111,29 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Arguments of :class:`prot_lib.models.S6Regressor` (mamba-ssm's names)."""
+    """Arguments of :class:`prot_lib.models.S6Regressor` (mamba-ssm's names), built by
+    :func:`prot_lib.models.build_model`. Defaults are the write-up's model before its fix.
 
+    ``topology`` picks the bidirectional layout: ``stacks`` (the write-up's: two independent
+    directional stacks of ``n_layers`` plain Mamba blocks, concatenated to 2 * d_model) or ``layers``
+    (Vim-style: one residual stream, each layer adds fwd + bwd). ``residual`` null means the topology's
+    own default (stacks: no residual; layers: residual). ``norm_position`` (stacks only): ``post`` =
+    a norm after every block (the write-up's final fix, ``--fix postnorm``), ``pre`` = mamba-ssm's
+    pre-norm blocks with a final norm (``--fix layernorm``, which also sets ``residual: true``).
+    ``combine`` is read by ``layers`` only, ``dropout`` by ``stacks`` only.
+    """
+
+    topology: Literal["stacks", "layers"] = "stacks"
     d_model: int = Field(16, ge=1)
-    n_layers: int = Field(4, ge=1)
+    n_layers: int = Field(4, ge=1, description="Mamba blocks per stack (stacks) or bidirectional layers")
     d_state: int = Field(16, ge=1)
     d_conv: int = Field(4, ge=1)
     expand: int = Field(2, ge=1)
     norm: Optional[Literal["layernorm", "rmsnorm"]] = None
-    residual: bool = True
+    norm_position: Literal["pre", "post"] = "pre"
+    residual: Optional[bool] = Field(None, description="null: the topology's default (stacks False, layers True)")
     combine: Literal["add", "mean"] = "add"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after each block (stacks only)")
     pooling: Literal["mean", "last"] = "mean"
     backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
-from ..models import S6Regressor
+from ..models import build_model
 from .clipping import make_clipper
 from .config import RunConfig
 
@@ -73,12 +73,7 @@ class NaNStudyModule(pl.LightningModule):
         super().__init__()
         self.config = config
         self.save_hyperparameters({"config": config.to_dict(), "n_features": n_features})
-        m = config.model
-        self.model = S6Regressor(
-            n_features=n_features, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
-            d_conv=m.d_conv, expand=m.expand, norm=m.norm, residual=m.residual, combine=m.combine,
-            pooling=m.pooling, backend=m.backend,
-        )
+        self.model = build_model(config.model, n_features)
         self.loss_elements = _LOSSES[config.training.loss_fn]
         self.last_step_record: Dict[str, float] = {}
         self.param_grad_norms: Optional[Dict[str, float]] = None
