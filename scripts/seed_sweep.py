@@ -24,6 +24,10 @@ history statistics and the wall time), ``per_seed`` and ``rates``:
 * ``pattern_rate``: fraction of seeds where fold 0 stays finite (loss and parameters) AND
   at least one later fold has a non-finite raw training loss: the write-up's pattern;
 * ``any_nonfinite_rate``: fraction of seeds with any non-finite fold.
+
+Resuming: with ``--out OUT.json`` every finished (seed, fold) record is appended at once to
+``OUT.json.jobs.jsonl``; a re-run with the same arguments skips the jobs found there, so an
+interrupted sweep continues where it stopped. The final JSON is written when all jobs are done.
 """
 from __future__ import annotations
 
@@ -214,10 +218,25 @@ def main(argv=None):
     todo = [{"args": arg_dict, "seed": s, "fold": f} for s in seeds for f in folds]
     t0 = time.perf_counter()
     jobs = []
+    partial = Path(args.out + ".jobs.jsonl") if args.out else None
+    if partial is not None and partial.is_file():
+        for line in partial.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("sweep_args") == arg_dict and {"seed": rec["seed"], "fold": rec["fold"]} in \
+                    [{"seed": j["seed"], "fold": j["fold"]} for j in todo]:
+                jobs.append(rec)
+        done = {(j["seed"], j["fold"]) for j in jobs}
+        todo = [j for j in todo if (j["seed"], j["fold"]) not in done]
+        print(f"resuming: {len(done)} jobs found in {partial}, {len(todo)} to run", file=sys.stderr)
     ctx = mp.get_context("spawn")
     with ctx.Pool(processes=max(1, args.jobs)) as pool:
         for rec in pool.imap_unordered(run_job, todo):
+            rec["sweep_args"] = arg_dict
             jobs.append(rec)
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                with partial.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
             if not args.quiet:
                 print(f"seed {rec['seed']:>3} fold {rec['fold']}: nonfinite_loss_step={rec['first_nonfinite_loss_step']} "
                       f"param_step={rec['first_nonfinite_param_step']} val_rmse={rec['final_val_rmse']} "

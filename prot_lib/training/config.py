@@ -105,7 +105,7 @@ class CheckpointConfig(_Strict):
 class DataConfig(_Strict):
     """Which dataset and how it is prepared."""
 
-    name: Literal["ishigami", "dyconex"] = "ishigami"
+    name: Literal["ishigami", "dyconex", "dyconex_long", "dyconex_long_ci"] = "ishigami"
     data_dir: Optional[str] = None
     normalize: bool = False
 
@@ -318,14 +318,25 @@ def fix_overlay(fix: str) -> dict:
     return _read_yaml(CONFIG_DIR / "fixes" / f"{fix}.yaml")
 
 
+def reproduction_datasets() -> tuple:
+    """The datasets with a shipped reproduction, ``prot_lib/configs/<dataset>_unmitigated.yaml``:
+    ("dyconex", "dyconex_long", "dyconex_long_ci", "ishigami")."""
+    return tuple(sorted(p.stem[: -len("_unmitigated")] for p in CONFIG_DIR.glob("*_unmitigated.yaml")))
+
+
 def reproduction_config(dataset: str, fix: str = "none") -> RunConfig:
     """The shipped unmitigated config of ``dataset`` with one fix (or all) applied on top.
 
+    ``dataset`` is one of :func:`reproduction_datasets`: ``ishigami`` and ``dyconex`` (the write-up's
+    two reports), ``dyconex_long`` (the write-up's scale: L 1023, d_model 100, batch 50, 4 layers) and
+    ``dyconex_long_ci`` (the same mechanism at L 99, for CI).
+
     Raises:
-        ConfigError: unknown dataset or fix.
+        ConfigError: unknown dataset or fix (lists the valid ones).
     """
-    if dataset not in ("ishigami", "dyconex"):
-        raise ConfigError(f"unknown dataset {dataset!r}; valid: ishigami, dyconex")
+    valid = reproduction_datasets()
+    if dataset not in valid:
+        raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(valid)}")
     base = _read_yaml(CONFIG_DIR / f"{dataset}_unmitigated.yaml")
     cfg = config_from_dict(deep_merge(base, fix_overlay(fix)), source=f"{dataset}_unmitigated.yaml + fix {fix}")
     if fix != "none":
