@@ -301,7 +301,8 @@ class S6Regressor(nn.Module):
             residual Vim-style).
         d_state, d_conv, expand, backend: passed to every :class:`Mamba` block.
         norm: None, "layernorm" or "rmsnorm".
-        norm_position: "pre" or "post" ("stacks" only; "layers" is always pre-norm).
+        norm_position: None -> the topology's own placement (stacks: "post", the write-up's fix;
+            layers: "pre"); "post" is defined for "stacks" only.
         residual: None -> the topology's own default (stacks: False, layers: True).
         combine: "add" or "mean" of the two directions ("layers" only).
         dropout: after each block ("stacks" only; the write-up's BiMamba has it, default 0).
@@ -320,7 +321,7 @@ class S6Regressor(nn.Module):
     def __init__(self, n_features: int, d_model: int = 16, n_layers: int = 4, d_state: int = 16,
                  d_conv: int = 4, expand: float = 2, norm: Optional[str] = None,
                  residual: Optional[bool] = None, combine: str = "add", pooling: str = "mean",
-                 backend: str = "auto", topology: str = "stacks", norm_position: str = "pre",
+                 backend: str = "auto", topology: str = "stacks", norm_position: Optional[str] = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
         _check_choice("pooling", pooling, POOLINGS)
@@ -334,10 +335,11 @@ class S6Regressor(nn.Module):
                                  f"are concatenated")
             self.bimamba = BiMambaStacks(
                 d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand, norm=norm,
-                norm_position=norm_position, residual=bool(residual), dropout=dropout, backend=backend)
+                norm_position=norm_position or "post", residual=bool(residual), dropout=dropout,
+                backend=backend)
             width = 2 * d_model
         else:
-            if norm_position != "pre":
+            if norm_position not in (None, "pre"):
                 raise ValueError(f"norm_position={norm_position!r} is defined for topology 'stacks' "
                                  f"only; 'layers' is pre-norm")
             if dropout:

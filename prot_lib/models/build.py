@@ -14,7 +14,7 @@ from .bimamba import S6Regressor
 #: the keys read, with the value used when a dict leaves one out (ModelConfig's defaults)
 MODEL_KEYS = {
     "topology": "stacks", "d_model": 16, "n_layers": 4, "d_state": 16, "d_conv": 4, "expand": 2,
-    "norm": None, "norm_position": "pre", "residual": None, "combine": "add", "dropout": 0.0,
+    "norm": None, "norm_position": None, "residual": None, "combine": "add", "dropout": 0.0,
     "pooling": "mean", "backend": "auto",
 }
 

@@ -116,10 +116,11 @@ class ModelConfig(_Strict):
 
     ``topology`` picks the bidirectional layout: ``stacks`` (the write-up's: two independent
     directional stacks of ``n_layers`` plain Mamba blocks, concatenated to 2 * d_model) or ``layers``
-    (Vim-style: one residual stream, each layer adds fwd + bwd). ``residual`` null means the topology's
-    own default (stacks: no residual; layers: residual). ``norm_position`` (stacks only): ``post`` =
-    a norm after every block (the write-up's final fix, ``--fix postnorm``), ``pre`` = mamba-ssm's
-    pre-norm blocks with a final norm (``--fix layernorm``, which also sets ``residual: true``).
+    (Vim-style: one residual stream, each layer adds fwd + bwd). ``residual`` and ``norm_position``
+    null mean the topology's own choice (stacks: no residual, a norm goes after each block; layers:
+    residual, pre-norm). With stacks, ``norm_position: post`` is a norm after every block (the
+    write-up's final fix, ``--fix postnorm``), ``pre`` mamba-ssm's pre-norm blocks with a final norm
+    (``--fix layernorm``, which also sets ``residual: true``).
     ``combine`` is read by ``layers`` only, ``dropout`` by ``stacks`` only.
     """
 
@@ -130,7 +131,8 @@ class ModelConfig(_Strict):
     d_conv: int = Field(4, ge=1)
     expand: int = Field(2, ge=1)
     norm: Optional[Literal["layernorm", "rmsnorm"]] = None
-    norm_position: Literal["pre", "post"] = "pre"
+    norm_position: Optional[Literal["pre", "post"]] = Field(
+        None, description="null: the topology's placement (stacks post, layers pre)")
     residual: Optional[bool] = Field(None, description="null: the topology's default (stacks False, layers True)")
     combine: Literal["add", "mean"] = "add"
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after each block (stacks only)")
