@@ -15,7 +15,8 @@ re-run skips the parts already there, so an interrupted run resumes):
   the write-up's debug lines rendered from them (:func:`~prot_lib.diagnostics.scale.writeup_debug_lines`);
   also with ``postnorm``.
 * ``timing``: one thread: forward of one 4-block stack at (50, 1023, 100) without gradients, and one
-  training step (forward + backward of the whole regressor, 8 blocks) at that shape; 2 repeats each.
+  training step (forward + backward of the whole regressor, 8 blocks) at that shape; 2 repeats each,
+  in wall seconds and in CPU seconds of the process (the cost on an idle core).
 * ``train``: ``run_kfold(dyconex_long, folds=[0], max_steps=1)`` with and without ``postnorm``: the
   first non-finite step of fold 0 as the Trainer sees it, and its wall time.
 
@@ -128,25 +129,30 @@ def part_timing(args):
     torch.manual_seed(0)
     x = 0.5 * torch.randn(b, L, d)  # below the fixed point: finite, like a normalised input
     stack = BiMambaStacks(d, 4, backend="torch")
-    fwd = []
+    fwd, fwd_cpu = [], []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             stack.run_stack("forward", x)
         fwd.append(time.perf_counter() - t0)
+        fwd_cpu.append(time.process_time() - c0)
     model = S6Regressor(15, d_model=d, n_layers=4, backend="torch")
     tokens = 0.05 * torch.randn(b, L, 15)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    steps = []
+    steps, steps_cpu = [], []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(tokens).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         steps.append(time.perf_counter() - t0)
-    return {"threads": torch.get_num_threads(), "shape": [b, L, d], "forward_one_stack_s": fwd,
-            "train_step_s": steps, "load_avg": os.getloadavg()}
+        steps_cpu.append(time.process_time() - c0)
+    # CPU seconds of this (one-thread) process: what the step costs on an idle core; wall seconds
+    # grow with the machine's load (load_avg: 1, 5, 15 min).
+    return {"threads": torch.get_num_threads(), "shape": [b, L, d], "forward_one_stack_wall_s": fwd,
+            "forward_one_stack_cpu_s": fwd_cpu, "train_step_wall_s": steps, "train_step_cpu_s": steps_cpu,
+            "load_avg": os.getloadavg()}
 
 
 def part_train(args):
