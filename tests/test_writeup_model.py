@@ -237,3 +237,15 @@ def test_ishigami_overflows_at_a_large_lr_and_postnorm_holds():
     fixed = run_kfold(reproduction_config("ishigami", "postnorm").updated({"training.lr": 0.1}), folds=[0],
                       max_steps=20, keep_models=False, progress=False).fold_summary(0)
     assert fixed["first_nonfinite_loss_step"] is None and fixed["params_finite_end"] is True
+
+
+def test_what_a_norm_after_the_block_cannot_undo():
+    # postnorm normalises a block's *output*: once the first block has overflowed, LayerNorm turns an inf
+    # into NaN for the whole token, and values whose square overflows float32 (|x| > 1.8e19) into a
+    # silent 0 (its variance is inf). The short Dyconex stand-in's raw timestamps do the first.
+    ln = nn.LayerNorm(3, elementwise_affine=False)
+    with torch.no_grad():
+        assert torch.isnan(ln(torch.tensor([[math.inf, 1.0, 5.0]]))).all()
+        assert ln(torch.tensor([[1e23, -1e23, 5.0]])).abs().max() == 0.0
+        torch.testing.assert_close(ln(torch.tensor([[1e19, -1e19, 0.0]])), torch.tensor([[1.2247, -1.2247, 0.0]]),
+                                   rtol=1e-4, atol=1e-4)
