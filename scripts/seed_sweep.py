@@ -199,7 +199,9 @@ def rates(jobs, seeds, folds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", choices=["ishigami", "dyconex"], default="ishigami")
+    from prot_lib.training.config import reproduction_datasets
+
+    ap.add_argument("--dataset", choices=reproduction_datasets(), default="ishigami")
     ap.add_argument("--config", help="a YAML config instead of the shipped <dataset>_unmitigated.yaml")
     ap.add_argument("--fix", default="none")
     ap.add_argument("--seeds", nargs="+", default=["0-9"], help="e.g. 0-9 or 0 3 5")
