@@ -1,7 +1,8 @@
 """Command line: ``python -m prot_lib reproduce|run|autopsy|data|sweep``.
 
-- ``python -m prot_lib reproduce ishigami|dyconex [--fix FIX] [--json]``: run a shipped reproduction
-  (with one fix, or all) and print a per-fold table (or JSON: a list of per-fold summaries).
+- ``python -m prot_lib reproduce ishigami|dyconex|dyconex_long|dyconex_long_ci [--fix FIX] [--json]``:
+  run a shipped reproduction (with one fix, e.g. ``--fix postnorm``, the write-up's final one, or all)
+  and print a per-fold table (or JSON: a list of per-fold summaries).
 - ``python -m prot_lib run CONFIG.yaml [--json]``: run any config file.
 - ``reproduce``/``run`` ``--on-nonfinite continue|stop|skip|rollback`` overrides ``training.on_nonfinite``;
   when training stops on a non-finite step, the autopsy report is printed (``--json``: as a dict); when
@@ -140,15 +141,16 @@ def _sweep(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .training.config import CONFIG_DIR, FIXES, ConfigError
+    from .training.config import CONFIG_DIR, FIXES, ConfigError, reproduction_datasets
 
     parser = argparse.ArgumentParser(prog="python -m prot_lib", description=__doc__.split("\n")[0],
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub_kw = dict(epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     rep = sub.add_parser("reproduce", help="run a shipped NaN reproduction, optionally with a fix", **sub_kw)
-    rep.add_argument("dataset", choices=["ishigami", "dyconex"])
-    rep.add_argument("--fix", default="none", choices=FIXES)
+    rep.add_argument("dataset", choices=reproduction_datasets())
+    rep.add_argument("--fix", default="none", choices=FIXES,
+                     help="one fix on top of the reproduction (postnorm: the write-up's final LayerNorm fix)")
     rep.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
     rep.add_argument("--seed", type=int, help="override training.seed")
     rep.add_argument("--json", action="store_true", help="print per-fold summaries as JSON")

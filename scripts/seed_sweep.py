@@ -44,10 +44,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from prot_lib.data import DATASETS  # noqa: E402
 from prot_lib.experiments import grid_cells, seed_rates, seed_sweep  # noqa: E402
 from prot_lib.experiments.specs import parse_seeds  # noqa: E402
-from prot_lib.training.config import FIXES, load_config  # noqa: E402
+from prot_lib.training.config import FIXES, load_config, reproduction_datasets  # noqa: E402
 
 
 def parse_sets(items):
@@ -70,7 +69,7 @@ def _plain(v):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", choices=DATASETS, default="ishigami")
+    ap.add_argument("--dataset", choices=reproduction_datasets(), default="ishigami")
     ap.add_argument("--config", help="a YAML config instead of the shipped <dataset>_unmitigated.yaml")
     ap.add_argument("--fix", default="none", choices=FIXES)
     ap.add_argument("--seeds", nargs="+", default=["0-9"], help="e.g. 0-9 or 0 3 5")

@@ -33,6 +33,7 @@ from prot_lib.data import (
     load_ishigami,
     sobol_indices_salib,
 )
+from prot_lib.data import dyconex_long
 from prot_lib.data.dyconex import PROCESSES, STEPS_FILE, TARGETS_FILE, VARIABLES
 from prot_lib.data.ishigami import ISHIGAMI_FILE
 
@@ -193,6 +194,72 @@ def test_dyconex_target_is_learnable_after_normalisation(dyconex):
     residual = y[ev] - x[ev] @ w
     r2 = 1 - residual.var() / y[ev].var()
     assert r2 > 0.4, float(r2)
+
+
+# --------------------------------------------------------------------------- long Dyconex stand-in
+
+
+@pytest.fixture(scope="module")
+def long_ci() -> SequenceData:
+    return load_dataset("dyconex_long_ci")
+
+
+def test_long_standin_shape_layout_and_units(long_ci):
+    full = load_dataset("dyconex_long")
+    assert full.shape == (250, 1023, 15) and long_ci.shape == (100, 99, 15)  # L = cycles x 11 steps x 3
+    for data in (full, long_ci):
+        assert data.meta["synthetic"] is True and "SYNTHETIC" in data.meta["description"]
+        assert not torch.isnan(data.x).any() and not torch.isnan(data.y).any()
+    x = long_ci.x[0]
+    L = 99
+    # cycle-major, then step, then variable: token t is (process (t // 3) % 11, variable t % 3)
+    assert x[:, 1:12].argmax(-1).tolist() == [(t // 3) % 11 for t in range(L)]
+    assert x[:, 12:15].argmax(-1).tolist() == [t % 3 for t in range(L)]
+    assert long_ci.meta["token_names"][34] == "c2/lamination/pressure"
+    value = long_ci.x[..., 0]
+    by_variable = {v: value[:, i::3] for i, v in enumerate(dyconex_long.VARIABLES)}
+    assert 150 < by_variable["temperature"].max() < 250  # degC: the largest raw values, lamination
+    assert 0.5 < by_variable["pressure"].min() and by_variable["pressure"].max() < 40  # bar
+    assert 1 < by_variable["duration"].min() and by_variable["duration"].max() < 200  # min
+
+
+def test_long_standin_target_is_its_formula(long_ci):
+    # Undo the generation: z = log(value / nominal) / spread (rounding adds ~1e-3 in z), then the
+    # documented target formula leaves only the 0.25 * eps noise (and the 0.001 um target rounding).
+    n_proc, n_var = len(dyconex_long.PROCESSES), len(dyconex_long.VARIABLES)
+    v = long_ci.x[..., 0].double().numpy().reshape(len(long_ci), -1, n_proc, n_var)
+    z = np.log(v / dyconex_long.NOMINAL) / dyconex_long.SPREAD
+    plating, etching, lamination = (dyconex_long.PROCESSES.index(p) for p in ("copper_plating", "etching", "lamination"))
+    formula = (3.0 + 2.0 * z[:, :, plating, 2].mean(1) + np.tanh(2 * z[:, -1, plating, 0])
+               - 1.2 * z[:, -1, etching, 2] - 0.6 * z[:, 0, lamination, 1] ** 2)
+    residual = long_ci.y.double().numpy() - formula
+    assert 0.18 < residual.std() < 0.32, residual.std()  # the documented 0.25 * eps
+    assert abs(residual.mean()) < 0.08
+
+
+def test_long_standin_regeneration_matches_the_shipped_checksums(tmp_path):
+    shipped = dyconex_long.read_checksums()
+    assert set(shipped) == set(dyconex_long.VARIANTS)
+    for name in dyconex_long.VARIANTS:
+        assert dyconex_long.fingerprint(dyconex_long.load_dyconex_long(name)) == shipped[name], name
+    out = dyconex_long.write_checksums(tmp_path)
+    assert out.read_bytes() == (SHIPPED / dyconex_long.CHECKSUM_FILE).read_bytes()
+    a, b = dyconex_long.generate_dyconex_long(5, 2, seed=3), dyconex_long.generate_dyconex_long(5, 2, seed=4)
+    assert not torch.equal(a.x, b.x)
+    with pytest.raises(DataError, match="dyconex_long_ci"):
+        dyconex_long.load_dyconex_long("dyconex_longer")
+    (tmp_path / "bad.sha256").write_text("abc  dyconex_long\n")
+    with pytest.raises(DataError, match="line 1"):
+        dyconex_long.read_checksums(tmp_path / "bad.sha256")
+
+
+def test_long_standin_normalizes_per_variable(long_ci):
+    data = long_ci.normalized(np.arange(80))
+    assert data.feature_names == long_ci.feature_names  # no NaN anywhere: no indicator feature added
+    value = data.x[:80, :, 0]
+    for i in range(3):
+        col = value[:, i::3]
+        assert abs(col.mean().item()) < 1e-4 and abs(col.std(unbiased=False).item() - 1) < 1e-3
 
 
 # --------------------------------------------------------------------------- shipped files

@@ -174,13 +174,13 @@ def test_dt_floor_constant_init_and_bad_dt_init():
 
 def test_reinit_linear_biases_keeps_dt_bias():
     torch.manual_seed(0)
-    model = S6Regressor(3, d_model=16, n_layers=1, backend="torch")
-    dt_bias = model.bimamba.layers[0].fwd.dt_proj.bias.detach().clone()
+    model = S6Regressor(3, d_model=16, n_layers=1, backend="torch")  # the write-up's stacks
+    dt_bias = model.bimamba.backward_layers[0].dt_proj.bias.detach().clone()
     nn.init.ones_(model.head.bias)
     zeroed = reinit_linear_biases(model)
     assert sorted(zeroed) == ["embedding.bias", "head.bias"]
     assert torch.equal(model.head.bias.detach(), torch.zeros(1))
-    assert torch.equal(model.bimamba.layers[0].fwd.dt_proj.bias.detach(), dt_bias)
+    assert torch.equal(model.bimamba.backward_layers[0].dt_proj.bias.detach(), dt_bias)
 
 
 # --------------------------------------------------------------------------- backends
@@ -316,10 +316,10 @@ def test_bimamba_mirror_symmetry():
 
 def test_regressor_shapes_names_and_options():
     torch.manual_seed(0)
-    model = S6Regressor(5, d_model=8, n_layers=2, d_state=4, backend="torch")
+    model = S6Regressor(5, d_model=8, n_layers=2, d_state=4, backend="torch", topology="layers")
     assert isinstance(model.embedding, nn.Linear) and model.head.weight.shape == (1, 8)
     assert isinstance(model.bimamba, BiMamba)
-    assert isinstance(model.bimamba.norm_f, nn.Identity)  # the write-up's default: no norm
+    assert isinstance(model.bimamba.norm_f, nn.Identity)  # no norm unless asked
     y = model(torch.randn(4, 7, 5))
     assert y.shape == (4,) and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="pooling"):
@@ -359,7 +359,7 @@ def test_pooling_over_valid_tokens():
 def _depth_growth(norm, seed: int, input_scale: float = 5.0) -> float:
     """max |h| after the last of 24 layers / after the first; inf when the stack overflowed."""
     torch.manual_seed(seed)
-    model = S6Regressor(4, d_model=16, n_layers=24, norm=norm, backend="torch")
+    model = S6Regressor(4, d_model=16, n_layers=24, norm=norm, backend="torch", topology="layers")
     x = input_scale * torch.randn(2, 32, 4, generator=torch.Generator().manual_seed(seed + 100))
     scales = model.activation_scales(x)
     assert list(scales)[:3] == ["embedding", "layer0", "layer1"] and "layer23" in scales
@@ -368,7 +368,7 @@ def _depth_growth(norm, seed: int, input_scale: float = 5.0) -> float:
 
 
 def test_activation_growth_without_norm():
-    # combine="add", residual=True, 24 layers, default init, input features ~ 5 * N(0, 1).
+    # The Vim-style residual stack (topology "layers"), combine="add", residual=True, 24 layers, default init, input features ~ 5 * N(0, 1).
     # Measured (torch 2.13 CPU), seeds 0-3: without norm the ratio last/first layer is
     # [inf, 6.2, 2.1, inf] (two stacks overflow to NaN); with LayerNorm [1.03, 1.01, 0.98, 1.00].
     # At input scale 1 both stay near 1.2-1.3: the blow-up needs activations past a threshold,

@@ -66,7 +66,9 @@ def test_dyconex_stop_names_embedding_forward_and_the_bundle_replays(tmp_path, c
 def test_rollback_finishes_a_run_that_continue_loses_and_skip_cannot(tmp_path):
     # Ishigami at lr 0.05 (2.5x the shipped reproduction's): fold 0 overflows within its 50 steps
     # (at step 40 on our machine; the exact step is chaotic across CPUs).
-    base = reproduction_config("ishigami").updated({"training.lr": 0.05, "training.max_epochs": 2})
+    # (calibrated on the Vim-style residual stack, topology "layers"; the write-up's stacks diverge sooner)
+    base = reproduction_config("ishigami").updated({"training.lr": 0.05, "training.max_epochs": 2,
+                                                    "model.topology": "layers", "model.residual": True})
     lost = run_kfold(base, folds=[0], run_dir=tmp_path / "continue", progress=False)
     s = lost.fold_summary(0)
     first = s["first_nonfinite_loss_step"]
@@ -106,12 +108,12 @@ def test_armed_guard_changes_nothing_on_finite_steps(tmp_path):
 
 def test_stop_on_a_poisoned_weight_names_its_module(tmp_path):
     cfg = config_from_dict(TINY).updated({"training.on_nonfinite": "stop"})
-    name = "model.bimamba.layers.1.bwd.out_proj.weight"
+    name = "model.bimamba.backward_layers.1.out_proj.weight"
     with pytest.raises(NonFiniteTrainingError) as e:
         run_kfold(cfg, folds=[0], run_dir=tmp_path, progress=False,
                   callbacks=[InjectFault(3, "weight", name, float("inf"))])
     rep = e.value.report
-    assert (e.value.step, rep.phase, rep.module) == (3, "forward", "bimamba.layers.1.bwd.out_proj")
+    assert (e.value.step, rep.phase, rep.module) == (3, "forward", "bimamba.backward_layers.1.out_proj")
     assert rep.nonfinite_params == [name] and "own parameters" in rep.verdict()
     assert len(e.value.history) == 3
 
@@ -129,7 +131,8 @@ def test_stop_on_a_poisoned_gradient_says_the_replay_is_finite(tmp_path):
 def test_a_float32_overflow_of_the_norm_alone_is_not_a_nonfinite_step(tmp_path):
     # lr 0.1: within a few steps every gradient is finite, but their total norm (~2e19 and up) squared
     # overflows float32: torch.nn.utils.get_total_norm says inf. The guard sums in float64: no stop there.
-    cfg = reproduction_config("ishigami").updated({"training.lr": 0.1})
+    cfg = reproduction_config("ishigami").updated({"training.lr": 0.1, "model.topology": "layers",
+                                                   "model.residual": True})
     h = run_kfold(cfg, folds=[0], run_dir=tmp_path / "continue", progress=False, max_steps=10).history
     f32_overflow = h["grad_norm_before_clip"] > math.sqrt(torch.finfo(torch.float32).max)
     first = int(h.loc[f32_overflow, "step"].iloc[0])

@@ -43,7 +43,8 @@ def _no_run_cache_one_thread(monkeypatch):
 
 def _growth(norm, combine, seed, scale):
     torch.manual_seed(seed)
-    model = S6Regressor(4, d_model=16, n_layers=24, norm=norm, combine=combine, backend="torch")
+    model = S6Regressor(4, d_model=16, n_layers=24, norm=norm, combine=combine, backend="torch",
+                        topology="layers")
     x = scale * torch.randn(8, 16, 4, generator=torch.Generator().manual_seed(100 + seed))
     s = model.activation_scales(x)
     return s["layer23"] / s["layer0"] if math.isfinite(s["layer23"]) else math.inf
@@ -52,8 +53,8 @@ def _growth(norm, combine, seed, scale):
 def test_vim_30_adding_both_directions_does_not_double_the_stream_per_layer():
     # The sum f + b is exactly twice the mean (same weights): the doubling is real for the *update* ...
     torch.manual_seed(0)
-    add = S6Regressor(4, d_model=16, n_layers=1, combine="add", backend="torch").bimamba.layers[0]
-    mean = S6Regressor(4, d_model=16, n_layers=1, combine="mean", backend="torch").bimamba.layers[0]
+    add = S6Regressor(4, d_model=16, n_layers=1, combine="add", backend="torch", topology="layers").bimamba.layers[0]
+    mean = S6Regressor(4, d_model=16, n_layers=1, combine="mean", backend="torch", topology="layers").bimamba.layers[0]
     mean.load_state_dict(add.state_dict())
     h = torch.randn(2, 12, 16)
     with torch.no_grad():

@@ -5,6 +5,7 @@ Writes, into DIR (default: the repository's ``data/`` folder, or ``$PROT_LIB_DAT
     ishigami.csv                  1000 samples, seed 0
     dyconex_standin_steps.csv     600 synthetic chains x 18 tokens, seed 0
     dyconex_standin_targets.csv   600 synthetic targets, seed 0
+    dyconex_long_standin.sha256   SHA-256 of the long stand-ins (generated at load time, not shipped)
 
 The output is byte-identical from run to run on one machine. Across machines and numpy versions
 a float cell computed with sin() may differ in its last bits (numpy 2.4 and 2.3 differ by up to 8 ulps
@@ -18,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from .dyconex import STEPS_FILE, STEPS_SCHEMA, TARGETS_FILE, TARGETS_SCHEMA, dyconex_tables
+from .dyconex_long import write_checksums
 from .ishigami import ISHIGAMI_FILE, ISHIGAMI_SCHEMA, ishigami_table
 from .tables import data_dir, write_table
 
@@ -27,13 +29,14 @@ ISHIGAMI_N, DYCONEX_CHAINS, SEED = 1000, 600, 0
 
 
 def write_all(out: str | Path) -> list[Path]:
-    """Write the three data files into ``out`` (created if needed); returns their paths."""
+    """Write the data files into ``out`` (created if needed); returns their paths."""
     out = Path(out)
     steps, targets = dyconex_tables(DYCONEX_CHAINS, SEED)
     return [
         write_table(ishigami_table(ISHIGAMI_N, SEED), out / ISHIGAMI_FILE, ISHIGAMI_SCHEMA),
         write_table(steps, out / STEPS_FILE, STEPS_SCHEMA),
         write_table(targets, out / TARGETS_FILE, TARGETS_SCHEMA),
+        write_checksums(out),
     ]
 
 

@@ -1,20 +1,46 @@
-"""A bidirectional Mamba stack and the write-up's S6 regressor built on it.
+"""Bidirectional Mamba: the write-up's two directional stacks, a Vim-style residual stack, and the
+S6 regressor built on either.
 
-Each layer runs one Mamba block along the sequence and one along the reversed sequence (as in
-Vision Mamba, Zhu et al. 2024, and BiMamba for genomics / tabular sequences), combines them, and
-adds the result to the residual stream:
+Two ways to make a causal Mamba block see both directions, selected by ``topology``:
 
-    z = norm(h)                                  (Identity when norm=None)
-    f = fwd(z),  b = flip(bwd(flip(z)))          flip reverses L
-    h = h + combine(f, b)                        combine: f + b ("add") or (f + b) / 2 ("mean")
+``"stacks"`` (the write-up's model; :class:`BiMambaStacks`)
+    Two independent stacks of ``n_layers`` plain Mamba blocks. One reads the sequence, the other
+    reads it flipped (and its output is flipped back); the two are fused only at the end, by
+    concatenation to 2 * d_model (late fusion, like a bidirectional RNN whose directions never
+    meet before the output). By default there is no residual connection and no normalisation
+    between blocks, only dropout:
 
-With norm=None, residual=True and combine="add" (the write-up's default), nothing rescales h between
-layers: each layer adds roughly two copies of a signal proportional to h, so the activation scale
-grows geometrically with depth (see hustvl/Vim issue #30). This is one of the roads to a NaN loss.
+        f_0 = x,        f_i = dropout(fwd_i(f_{i-1}))                          i = 1..n_layers
+        b_0 = flip(x),  b_i = dropout(bwd_i(b_{i-1})),   out = cat(f_n, flip(b_n))   (2 * d_model)
+
+    This is scipi1/proT's ``BiMamba`` (``proT/baseline/s6/s6_wrapper.py`` at 2894a5d, before their
+    LayerNorm fix). Each plain block maps an input of scale s to roughly c * s^k with k > 1 for
+    large s, so with nothing rescaling between blocks there is an unstable fixed point: below it
+    the signal dies out layer by layer, above it it grows double-exponentially until a layer
+    overflows (their log: "NaN after forward layer 2" at (batch 50, L 1023, d_model 100), finite
+    values near 3e26). ``prot_lib.diagnostics.scale`` measures that map.
+
+    Their final fix (``proT/baseline/MAMBA_NAN_FIX_FINAL.md`` at e755f0c^) is a LayerNorm after
+    every block, in both stacks, before the dropout: ``norm="layernorm", norm_position="post"``
+    (config fix ``postnorm``). mamba-ssm's own convention is the pre-norm residual block
+    (``mamba_ssm.modules.block.Block`` inside ``MixerModel``, with a final ``norm_f``):
+    ``norm="layernorm", norm_position="pre", residual=True`` (config fix ``layernorm``).
+
+``"layers"`` (:class:`BiMamba`, Vision-Mamba style, Zhu et al. 2024)
+    Each layer runs one block along the sequence and one along the flipped sequence, combines
+    them, and adds the result to one shared residual stream:
+
+        z = norm(h)                                  (Identity when norm=None)
+        f = fwd(z),  b = flip(bwd(flip(z)))          flip reverses L
+        h = h + combine(f, b)                        combine: f + b ("add") or (f + b) / 2 ("mean")
+
+    With norm=None, residual=True and combine="add" nothing rescales h between layers: each layer
+    adds roughly two copies of a signal proportional to h, so the activation scale grows
+    geometrically with depth (see hustvl/Vim issue #30).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +50,8 @@ from .mamba import Mamba
 NORMS = (None, "layernorm", "rmsnorm")
 COMBINES = ("add", "mean")
 POOLINGS = ("mean", "last")
+TOPOLOGIES = ("stacks", "layers")
+NORM_POSITIONS = ("pre", "post")
 # mamba-ssm's Block/MixerModel default norm_epsilon.
 NORM_EPS = 1e-5
 
@@ -126,11 +154,139 @@ class BiMamba(nn.Module):
         return self.norm_f(h)
 
 
+class BiMambaStacks(nn.Module):
+    """The write-up's BiMamba: two independent directional stacks, concatenated.
+
+    (batch, L, d_model) -> (batch, L, 2 * d_model); channels [:d_model] come from the forward
+    stack, [d_model:] from the backward stack (flipped back, so both halves of token t belong to
+    token t). See the module docstring for the equations.
+
+    Attribute names follow scipi1/proT's ``BiMamba`` (``forward_layers``, ``backward_layers``,
+    ``forward_norms``, ``backward_norms``) and every block is a :class:`Mamba` with mamba-ssm's
+    parameter names, so the write-up's state_dict (mamba-ssm path, with or without its LayerNorm
+    fix) loads here with ``strict=True`` when built with the matching options.
+
+    Block i of one stack updates the stack's running activation h (:meth:`block_step`):
+
+        ====================  ===============  ======================================================
+        norm_position         residual=False   residual=True
+        ====================  ===============  ======================================================
+        (norm None)           dropout(B(h))    h + dropout(B(h))
+        "post"                dropout(N(B(h)))  N(h + dropout(B(h)))  (their fallback "residual")
+        "pre"                 dropout(B(N(h)))  h + dropout(B(N(h)))  (mamba-ssm's Block)
+        ====================  ===============  ======================================================
+
+    (B = block_i, N = norm_i; the write-up before its fix is the first cell, its final fix the
+    "post"/False cell.) With ``norm_position="pre"`` each stack ends with a final norm
+    (``forward_norm_f``, ``backward_norm_f``), as mamba-ssm's ``MixerModel`` ends with ``norm_f``.
+
+    Args:
+        d_model: width of each stack (the token embedding width).
+        n_layers: Mamba blocks per stack (the model holds 2 * n_layers blocks).
+        d_state, d_conv, expand, backend: passed to every :class:`Mamba`.
+        norm: None (the write-up before its fix), "layernorm" or "rmsnorm" (eps 1e-5).
+        norm_position: "post" (after each block, the write-up's fix) or "pre" (before each block,
+            plus a final norm per stack: mamba-ssm's convention). Ignored when ``norm`` is None.
+        residual: add each block's output to its input (default False, as in the write-up).
+        dropout: dropout probability after each block (the write-up's ``dropout``; 0 -> Identity).
+
+    Raises:
+        ValueError: an option outside its allowed values (the message names the argument),
+            n_layers < 1, or dropout outside [0, 1).
+    """
+
+    def __init__(self, d_model: int, n_layers: int, d_state: int = 16, d_conv: int = 4,
+                 expand: float = 2, norm: Optional[str] = None, norm_position: str = "post",
+                 residual: bool = False, dropout: float = 0.0, backend: str = "auto") -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_choice("norm", norm, NORMS)
+        _check_choice("norm_position", norm_position, NORM_POSITIONS)
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.norm_kind = norm
+        self.norm_position = norm_position
+        self.residual = residual
+
+        def blocks() -> nn.ModuleList:
+            return nn.ModuleList(Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand,
+                                       backend=backend) for _ in range(n_layers))
+
+        def norms() -> nn.ModuleList:
+            return nn.ModuleList(make_norm(norm, d_model) for _ in range(n_layers))
+
+        self.forward_layers = blocks()
+        self.backward_layers = blocks()
+        self.forward_norms = norms()
+        self.backward_norms = norms()
+        final = norm is not None and norm_position == "pre"
+        self.forward_norm_f = make_norm(norm if final else None, d_model)
+        self.backward_norm_f = make_norm(norm if final else None, d_model)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def stack(self, direction: str) -> Tuple[nn.ModuleList, nn.ModuleList, nn.Module]:
+        """(blocks, norms, final norm) of ``direction``: "forward" or "backward".
+
+        Raises:
+            ValueError: another direction.
+        """
+        _check_choice("direction", direction, ("forward", "backward"))
+        if direction == "forward":
+            return self.forward_layers, self.forward_norms, self.forward_norm_f
+        return self.backward_layers, self.backward_norms, self.backward_norm_f
+
+    def block_step(self, direction: str, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` of one stack with its norm, residual and dropout: (batch, L, d_model) -> same.
+
+        ``h`` is in the stack's own token order (already flipped for "backward")."""
+        blocks, norms, _ = self.stack(direction)
+        pre = self.norm_position == "pre"
+        y = blocks[i](norms[i](h) if pre else h)
+        if self.residual:
+            h = h + self.dropout(y)
+            return h if pre else norms[i](h)
+        return self.dropout(y if pre else norms[i](y))
+
+    def run_stack(self, direction: str, x: torch.Tensor) -> torch.Tensor:
+        """One directional stack on x (batch, L, d_model), in x's token order -> (batch, L, d_model)."""
+        _, _, norm_f = self.stack(direction)
+        h = x if direction == "forward" else x.flip(1)
+        for i in range(self.n_layers):
+            h = self.block_step(direction, i, h)
+        h = norm_f(h)
+        return h if direction == "forward" else h.flip(1)  # token t of the output belongs to token t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, L, d_model) -> (batch, L, 2 * d_model) = cat(forward stack, backward stack)."""
+        return torch.cat([self.run_stack("forward", x), self.run_stack("backward", x)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"n_layers={self.n_layers}, norm={self.norm_kind!r}, norm_position={self.norm_position!r}, "
+                f"residual={self.residual}")
+
+
 class S6Regressor(nn.Module):
-    """The write-up's model: token embedding -> BiMamba -> pooling over L -> linear head.
+    """The write-up's S6 regressor: token embedding -> BiMamba -> pooling over L -> linear head.
 
     Forward: x (batch, L, n_features) [, mask (batch, L) bool, True = valid token] -> (batch,)
-    predictions. Defaults mirror the write-up: mean pooling, residual "add" combine, NO normalisation.
+    predictions. Defaults mirror scipi1/proT's ``S6`` (``proT/baseline/baseline_models.py`` at
+    e755f0c^): two directional stacks, no residual, no normalisation, mean pooling, a Linear head
+    on the pooled 2 * d_model context.
+
+    What is kept from the write-up's ``S6`` and what is not:
+
+    * kept: the BiMamba (``topology="stacks"``), mean pooling over L, one Linear head.
+    * the embedding: theirs is ``ModularEmbedding`` (a sum of per-feature embeddings: lookup
+      tables for ids, Linear for values, Time2Vec for time, NaN replaced by 0); ours is one
+      ``nn.Linear(n_features, d_model)`` over raw features. Both put the scale of the raw inputs
+      into the first block; ours leaves NaN inputs NaN (the book shows where that leads).
+    * the per-target embedding: their head reads ``cat(context, target_embedding)`` because they
+      predict several targets per sequence. Here every sequence has one scalar target, so that
+      embedding would be the same learned vector for every row; ``W_ctx @ context + W_t @ e + b``
+      then equals ``W_ctx @ context + b'``, the Linear head we keep. Nothing is lost.
 
     Masked (padded) tokens are replaced by zeros before the embedding, so their values, even NaN or
     inf, cannot reach the output; their *number* still matters, because the backward scan runs
@@ -139,28 +295,60 @@ class S6Regressor(nn.Module):
 
     Args:
         n_features: features per token.
-        d_model, n_layers, d_state, d_conv, expand, norm, residual, combine, backend: see
-            :class:`BiMamba`.
+        d_model: embedding width (each stack's width; the context is 2 * d_model for "stacks").
+        n_layers: Mamba blocks per stack ("stacks") or bidirectional layers ("layers").
+        topology: "stacks" (:class:`BiMambaStacks`, the write-up's) or "layers" (:class:`BiMamba`,
+            residual Vim-style).
+        d_state, d_conv, expand, backend: passed to every :class:`Mamba` block.
+        norm: None, "layernorm" or "rmsnorm".
+        norm_position: None -> the topology's own placement (stacks: "post", the write-up's fix;
+            layers: "pre"); "post" is defined for "stacks" only.
+        residual: None -> the topology's own default (stacks: False, layers: True).
+        combine: "add" or "mean" of the two directions ("layers" only).
+        dropout: after each block ("stacks" only; the write-up's BiMamba has it, default 0).
         pooling: "mean" (over valid tokens) or "last" (last valid token).
 
     Attributes:
-        embedding: nn.Linear(n_features, d_model); bimamba: BiMamba; head: nn.Linear(d_model, 1).
+        embedding: nn.Linear(n_features, d_model); bimamba: BiMambaStacks or BiMamba;
+        head: nn.Linear(2 * d_model or d_model, 1); topology: the topology's name.
 
     Raises:
-        ValueError: an option outside its allowed values (names the argument).
+        ValueError: an option outside its allowed values (names the argument), or an option the
+            chosen topology does not have (``norm_position="post"`` or ``dropout > 0`` with
+            "layers", ``combine="mean"`` with "stacks").
     """
 
     def __init__(self, n_features: int, d_model: int = 16, n_layers: int = 4, d_state: int = 16,
                  d_conv: int = 4, expand: float = 2, norm: Optional[str] = None,
-                 residual: bool = True, combine: str = "add", pooling: str = "mean",
-                 backend: str = "auto") -> None:
+                 residual: Optional[bool] = None, combine: str = "add", pooling: str = "mean",
+                 backend: str = "auto", topology: str = "stacks", norm_position: Optional[str] = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         _check_choice("pooling", pooling, POOLINGS)
+        _check_choice("topology", topology, TOPOLOGIES)
         self.pooling = pooling
+        self.topology = topology
         self.embedding = nn.Linear(n_features, d_model)
-        self.bimamba = BiMamba(d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand,
-                               norm=norm, residual=residual, combine=combine, backend=backend)
-        self.head = nn.Linear(d_model, 1)
+        if topology == "stacks":
+            if combine != "add":
+                raise ValueError(f"combine={combine!r} applies to topology 'layers' only: the stacks "
+                                 f"are concatenated")
+            self.bimamba = BiMambaStacks(
+                d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand, norm=norm,
+                norm_position=norm_position or "post", residual=bool(residual), dropout=dropout,
+                backend=backend)
+            width = 2 * d_model
+        else:
+            if norm_position not in (None, "pre"):
+                raise ValueError(f"norm_position={norm_position!r} is defined for topology 'stacks' "
+                                 f"only; 'layers' is pre-norm")
+            if dropout:
+                raise ValueError(f"dropout={dropout} is defined for topology 'stacks' only")
+            self.bimamba = BiMamba(d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand,
+                                   norm=norm, residual=True if residual is None else residual,
+                                   combine=combine, backend=backend)
+            width = d_model
+        self.head = nn.Linear(width, 1)
 
     @staticmethod
     def _mask_inputs(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -176,12 +364,12 @@ class S6Regressor(nn.Module):
         """Pool token states over L.
 
         Args:
-            h: (batch, L, d_model).
+            h: (batch, L, width), width = 2 * d_model ("stacks") or d_model ("layers").
             mask: (batch, L) bool, True = valid; None = all valid. A row with no valid token
                 pools to zeros (mean) or to token 0 (last).
 
         Returns:
-            (batch, d_model).
+            (batch, width).
         """
         if mask is None:
             return h.mean(dim=1) if self.pooling == "mean" else h[:, -1]
@@ -206,24 +394,41 @@ class S6Regressor(nn.Module):
 
     @torch.no_grad()
     def activation_scales(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """Max |activation| over valid tokens after the embedding and each BiMamba layer (no grad).
+        """Max |activation| over valid tokens after the embedding and after each block (no grad).
 
-        Used by the book to show how the residual stream grows with depth.
+        What the write-up's authors printed after every layer, and what the book plots to show
+        growth with depth. Measured in the module's current mode (call ``eval()`` to switch
+        dropout off).
 
         Args:
             x: (batch, L, n_features); mask: optional (batch, L) bool, as in :meth:`forward`.
 
         Returns:
-            {"embedding": float, "layer0": float, ..., "layer{n-1}": float}, plus "norm_f" when the
-            model has a final norm. Values may be inf or nan when the stack overflows.
+            "stacks": {"embedding", "forward_layers.0", ..., "forward_layers.{n-1}",
+            "backward_layers.0", ..., "backward_layers.{n-1}"} (each after its norm, residual
+            and dropout), plus "forward_norm_f"/"backward_norm_f" with pre-norm.
+            "layers": {"embedding", "layer0", ..., "layer{n-1}"}, plus "norm_f" with a norm.
+            Values are floats, inf or nan once a layer overflows (a NaN anywhere gives nan).
         """
-        def absmax(h: torch.Tensor) -> float:
-            if mask is not None:  # padded tokens are not part of the story
-                h = torch.where(mask.bool()[..., None], h, torch.zeros_like(h))
+        def absmax(h: torch.Tensor, m: Optional[torch.Tensor] = mask) -> float:
+            if m is not None:  # padded tokens are not part of the story
+                h = torch.where(m.bool()[..., None], h, torch.zeros_like(h))
             return h.abs().max().item()
 
         h = self.embedding(self._mask_inputs(x, mask))
         scales = {"embedding": absmax(h)}
+        if self.topology == "stacks":
+            for direction in ("forward", "backward"):
+                blocks, _, norm_f = self.bimamba.stack(direction)
+                backward = direction == "backward"
+                g = h.flip(1) if backward else h  # the backward stack runs in flipped order
+                m = mask.flip(1) if backward and mask is not None else mask
+                for i in range(len(blocks)):
+                    g = self.bimamba.block_step(direction, i, g)
+                    scales[f"{direction}_layers.{i}"] = absmax(g, m)
+                if not isinstance(norm_f, nn.Identity):
+                    scales[f"{direction}_norm_f"] = absmax(norm_f(g), m)
+            return scales
         for i, layer in enumerate(self.bimamba.layers):
             h = layer(h)
             scales[f"layer{i}"] = absmax(h)

@@ -10,13 +10,25 @@ the write-up's clip site   ``training.clip_via: configure_optimizers``  ``NaNStu
 NaN detection/replacement  ``training.sanitize: writeup``               ``NaNStudyModule._step``
 gradient monitoring        ``training.monitor_gradients``               ``NaNStudyModule.on_before_optimizer_step``
 learning-rate warmup       ``training.warmup.enabled``                  ``NaNStudyModule.configure_optimizers``
-LayerNorm in BiMamba       ``model.norm: layernorm``                    ``BiMamba``
+LayerNorm after every      ``model.norm: layernorm`` +                  ``BiMambaStacks.block_step``
+Mamba layer (their final   ``model.norm_position: post`` (fix
+fix, ``postnorm``)         ``postnorm``)
+fallbacks of that fix      ``model.n_layers`` (fewer layers),           ``build_model``
+                           ``model.residual`` (residual connections),
+                           ``model.d_model`` (smaller d_model)
+(ours) mamba-ssm's pre-    ``model.norm: layernorm`` + ``norm_position:  ``BiMambaStacks`` / ``BiMamba``
+norm residual blocks       pre`` + ``residual: true`` (fix
+(``layernorm``)            ``layernorm``)
 smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
 (ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
 (ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``safety_nets`` -> ``AdaptiveGradientClipping``
                            zclip) + ``autoclip_*``, ``zclip_*``
 (ours) data guard          ``training.data_guard``                      ``safety_nets`` -> ``DataGuard``
 =========================  ===========================================  =====================================
+
+The model itself: ``model.topology`` (``stacks``: the write-up's two directional stacks, no residual,
+no norm, concatenated; ``layers``: a Vim-style residual stack), read by
+:func:`prot_lib.models.build_model`; see :class:`ModelConfig`.
 
 Guards of non-finite training (the callbacks of :mod:`prot_lib.callbacks`; their defaults keep the
 write-up's behaviour): ``training.on_nonfinite`` (continue | stop | skip | rollback, with
@@ -53,8 +65,9 @@ def _fix_names() -> tuple:
 
 #: every name ``fix_overlay`` and ``reproduction_config`` accept (derived from ``configs/fixes/*.yaml``)
 FIXES = _fix_names()
-#: the fixes combined by ``--fix all`` (dict-clip is the write-up's broken variant of clip)
-ALL_FIXES = ("clip", "sanitize", "warmup", "layernorm", "normalize")
+#: the fixes combined by ``--fix all``: the write-up's (its final LayerNorm fix is ``postnorm``;
+#: dict-clip is its broken variant of clip) plus our input normalisation
+ALL_FIXES = ("clip", "sanitize", "warmup", "postnorm", "normalize")
 
 
 class ConfigError(ValueError):
@@ -101,22 +114,37 @@ class CheckpointConfig(_Strict):
 class DataConfig(_Strict):
     """Which dataset and how it is prepared."""
 
-    name: Literal["ishigami", "dyconex"] = "ishigami"
+    name: Literal["ishigami", "dyconex", "dyconex_long", "dyconex_long_ci"] = "ishigami"
     data_dir: Optional[str] = None
     normalize: bool = False
 
 
 class ModelConfig(_Strict):
-    """Arguments of :class:`prot_lib.models.S6Regressor` (mamba-ssm's names)."""
+    """Arguments of :class:`prot_lib.models.S6Regressor` (mamba-ssm's names), built by
+    :func:`prot_lib.models.build_model`. Defaults are the write-up's model before its fix.
 
+    ``topology`` picks the bidirectional layout: ``stacks`` (the write-up's: two independent
+    directional stacks of ``n_layers`` plain Mamba blocks, concatenated to 2 * d_model) or ``layers``
+    (Vim-style: one residual stream, each layer adds fwd + bwd). ``residual`` and ``norm_position``
+    null mean the topology's own choice (stacks: no residual, a norm goes after each block; layers:
+    residual, pre-norm). With stacks, ``norm_position: post`` is a norm after every block (the
+    write-up's final fix, ``--fix postnorm``), ``pre`` mamba-ssm's pre-norm blocks with a final norm
+    (``--fix layernorm``, which also sets ``residual: true``).
+    ``combine`` is read by ``layers`` only, ``dropout`` by ``stacks`` only.
+    """
+
+    topology: Literal["stacks", "layers"] = "stacks"
     d_model: int = Field(16, ge=1)
-    n_layers: int = Field(4, ge=1)
+    n_layers: int = Field(4, ge=1, description="Mamba blocks per stack (stacks) or bidirectional layers")
     d_state: int = Field(16, ge=1)
     d_conv: int = Field(4, ge=1)
     expand: int = Field(2, ge=1)
     norm: Optional[Literal["layernorm", "rmsnorm"]] = None
-    residual: bool = True
+    norm_position: Optional[Literal["pre", "post"]] = Field(
+        None, description="null: the topology's placement (stacks post, layers pre)")
+    residual: Optional[bool] = Field(None, description="null: the topology's default (stacks False, layers True)")
     combine: Literal["add", "mean"] = "add"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after each block (stacks only)")
     pooling: Literal["mean", "last"] = "mean"
     backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
 
@@ -301,14 +329,25 @@ def fix_overlay(fix: str) -> dict:
     return _read_yaml(CONFIG_DIR / "fixes" / f"{fix}.yaml")
 
 
+def reproduction_datasets() -> tuple:
+    """The datasets with a shipped reproduction, ``prot_lib/configs/<dataset>_unmitigated.yaml``:
+    ("dyconex", "dyconex_long", "dyconex_long_ci", "ishigami")."""
+    return tuple(sorted(p.stem[: -len("_unmitigated")] for p in CONFIG_DIR.glob("*_unmitigated.yaml")))
+
+
 def reproduction_config(dataset: str, fix: str = "none") -> RunConfig:
     """The shipped unmitigated config of ``dataset`` with one fix (or all) applied on top.
 
+    ``dataset`` is one of :func:`reproduction_datasets`: ``ishigami`` and ``dyconex`` (the write-up's
+    two reports), ``dyconex_long`` (the write-up's scale: L 1023, d_model 100, batch 50, 4 layers) and
+    ``dyconex_long_ci`` (the same mechanism at L 99, for CI).
+
     Raises:
-        ConfigError: unknown dataset or fix.
+        ConfigError: unknown dataset or fix (lists the valid ones).
     """
-    if dataset not in ("ishigami", "dyconex"):
-        raise ConfigError(f"unknown dataset {dataset!r}; valid: ishigami, dyconex")
+    valid = reproduction_datasets()
+    if dataset not in valid:
+        raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(valid)}")
     base = _read_yaml(CONFIG_DIR / f"{dataset}_unmitigated.yaml")
     cfg = config_from_dict(deep_merge(base, fix_overlay(fix)), source=f"{dataset}_unmitigated.yaml + fix {fix}")
     if fix != "none":

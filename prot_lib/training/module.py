@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
 from ..diagnostics.grads import total_grad_norm
-from ..models import S6Regressor
+from ..models import build_model
 from .config import RunConfig, config_from_dict
 
 __all__ = ["NaNStudyModule", "RawTrainingLoss", "parameter_groups", "total_grad_norm", "SANITIZE_CLAMP",
@@ -111,12 +111,7 @@ class NaNStudyModule(pl.LightningModule):
             config = config_from_dict(config, source="NaNStudyModule hyper-parameters")
         self.config = config
         self.save_hyperparameters({"config": config.to_dict(), "n_features": n_features})
-        m = config.model
-        self.model = S6Regressor(
-            n_features=n_features, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
-            d_conv=m.d_conv, expand=m.expand, norm=m.norm, residual=m.residual, combine=m.combine,
-            pooling=m.pooling, backend=m.backend,
-        )
+        self.model = build_model(config.model, n_features)
         self.loss_elements = _LOSSES[config.training.loss_fn]
         self.last_step_record: Dict[str, float] = {}
         self._val_sse = 0.0
