@@ -203,7 +203,7 @@ def kernel_env() -> dict[str, str]:
     env["JUPYTER_PLATFORM_DIRS"] = "1"
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel's debugger warns about frozen modules
     env.pop("MPLBACKEND", None)  # e.g. Agg from a CI environment would keep figures off the pages
-    # Chapters re-use the same shipped runs (chapter 1's reproduction is chapter 3's baseline): with a
+    # Chapters re-use the same shipped runs (chapter 1's reproduction is chapter 4's baseline): with a
     # cache folder, prot_lib.training.run_kfold computes each (config, folds, source hash) once.
     env.setdefault("PROT_LIB_CACHE", str(REPO / "runs" / "cache"))
     env.setdefault("PROT_LIB_PROGRESS", "0")  # Lightning's progress bars would fill the pages

@@ -8,7 +8,7 @@ over *live, not blown-up* folds, with blown-up folds counted apart.
 
 A fold is **blown up** when its weights are finite at the end but its last val RMSE exceeds
 ``--blowup`` times the target's standard deviation (default 10): it diverged without reaching inf, so
-a mean over folds would be dominated by it (chapter 8's "2.6e4 x the target std" cell was one such
+a mean over folds would be dominated by it (chapter 9's "2.6e4 x the target std" cell was one such
 fold among three live ones). The target std is that of the dataset's finite targets.
 
     .venv/bin/python scripts/fix_table.py docs/findings/stacks_ishigami_*.json --json docs/findings/stacks_fix_table.json

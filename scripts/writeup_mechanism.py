@@ -81,21 +81,13 @@ def part_growth(args):
 
 
 def _fold_models(args, fix):
-    import lightning.pytorch as pl
-
     from prot_lib.data import load_dataset
-    from prot_lib.models import build_model
-    from prot_lib.training import reproduction_config
-    from prot_lib.training.kfold import fold_indices, make_loaders
+    from prot_lib.training import fold_start, reproduction_config
 
     cfg = reproduction_config(args.dataset, fix)
     data = load_dataset(cfg.data.name)
-    t = cfg.training
-    for fold, (tr, va) in enumerate(fold_indices(len(data), t.k_fold, t.seed)):
-        pl.seed_everything(t.seed + fold, verbose=False)  # what train_fold does before building the module
-        train_dl, _ = make_loaders(data, tr, va, t.batch_size, t.seed + fold)
-        model = build_model(cfg.model, data.x.shape[-1]).eval()
-        x, _ = next(iter(train_dl))
+    for fold in range(cfg.training.k_fold):
+        model, x, _ = fold_start(cfg, fold, data)
         yield fold, model, x
 
 

@@ -117,7 +117,7 @@ def test_widget_state_is_embedded(built_book):
     """
     clip = [nb.stem for nb in chapter_notebooks() if calls_clip_explorer(read_notebook(nb))]
     assert clip, ("no chapter calls `clip_explorer(`: the book promises the clip-value widget "
-                  "(prot_lib.viz.widgets.clip_explorer) in a chapter, e.g. 03_gradient_clipping")
+                  "(prot_lib.viz.widgets.clip_explorer) in a chapter, e.g. 04_gradient_clipping")
     for stem in sorted(set(clip) | set(widget_chapters(built_book))):
         page = built_book.html / "chapters" / f"{stem}.html"
         assert page.exists(), f"{page.name} missing (did the notebook fail? see test_notebooks)"

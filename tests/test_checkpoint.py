@@ -119,8 +119,8 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch)
     atomic_torch_save({"state_dict": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
 
-    def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint")
+    def broken_save(obj, f, *a, **k):  # f: the open temporary file atomic_torch_save hands to torch.save
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -36,14 +36,15 @@ def test_dyconex_reproduction_is_bit_identical(tmp_path):
 
 
 def test_ishigami_divergence_is_bit_identical(tmp_path):
-    # lr 0.05: fold 0 trains some 40 steps (40 on our machine), then its loss overflows, so the history
-    # holds finite and NaN rows. Which step is chaotic across CPUs; that all three runs agree is not.
-    cfg = reproduction_config("ishigami").updated({"training.lr": 0.05})
-    runs = three_runs(cfg, tmp_path, max_steps=44)
+    # lr 0.1 on the write-up's stacks: fold 0 trains a few steps, then its loss overflows (25 of 25 folds
+    # non-finite by step 12, docs/findings_writeup_model.md 0.5), so the history holds finite and NaN
+    # rows. Which step is chaotic across CPUs; that all three runs agree is not.
+    cfg = reproduction_config("ishigami").updated({"training.lr": 0.1})
+    runs = three_runs(cfg, tmp_path, max_steps=20)
     for r in runs[1:]:
         assert_bitwise_equal(r.history, runs[0].history)
         assert_bitwise_equal(r.summary, runs[0].summary)
     first = runs[0].first_nan_step
-    assert first is not None and 0 < first < 44
+    assert first is not None and 0 < first < 20
     assert [r.first_nan_step for r in runs] == [first] * 3
     assert runs[0].history["loss_finite"].sum() == first

@@ -229,7 +229,7 @@ def test_the_shipped_specs_load_and_the_fix_matrix_has_every_fix():
     fm = load_spec("fix-matrix")
     assert sorted(fm.fixes) == sorted(FIXES), "a fix in prot_lib/configs/fixes/ is missing from fix-matrix.yaml"
     quick = {name: spec_cells(load_spec(name, quick=True)) for name in sweep_names()}
-    assert {n: len(c) for n, c in quick.items()} == {"clip-sweep": 4, "fix-matrix": 18, "seed-rates": 4,
+    assert {n: len(c) for n, c in quick.items()} == {"clip-sweep": 4, "fix-matrix": 20, "seed-rates": 4,
                                                       "stability-map": 12}
     assert all(c.max_steps == 25 for cells in quick.values() for c in cells)  # about a minute on 2 cores
     seeds = load_spec("seed-rates")

@@ -1,4 +1,4 @@
-"""The training behaviour chapters 3-7 rely on, measured on short real runs.
+"""The training behaviour chapters 4-8 rely on, measured on short real runs.
 
 Each test trains one fold for a few dozen optimizer steps (``max_steps``) and asserts numbers a reader
 can check in the run's own history or CSV log: post-clip norms, the learning rate the optimizer used,
@@ -203,7 +203,7 @@ def test_weight_decay_groups_follow_the_mamba_recipe():
     """No decay on biases (dt_proj.bias included), normalisation weights, A_log and D; decay on the rest."""
     from prot_lib.training import NaNStudyModule, config_from_dict
 
-    cfg = config_from_dict({"model": {"n_layers": 2, "norm": "layernorm"}, "training": {"weight_decay": 0.1}})
+    cfg = config_from_dict({"model": {"topology": "layers", "n_layers": 2, "norm": "layernorm"}, "training": {"weight_decay": 0.1}})
     module = NaNStudyModule(cfg, n_features=4)
     opt = module.configure_optimizers()["optimizer"]
     decay, exempt = opt.param_groups
@@ -221,3 +221,20 @@ def test_weight_decay_groups_follow_the_mamba_recipe():
         assert all(named[n] is p for n, p in zip(g["names"], g["params"]))
     # only 2-D-or-more weights are decayed here: every exempt tensor is a bias, a norm weight, A_log or D
     assert all(named[n].dim() >= 2 for n in decay["names"])
+
+
+def test_weight_decay_groups_on_the_writeups_stacks():
+    """The same recipe on the write-up's topology with its post-norm: norm weights, biases, A_log, D exempt."""
+    from prot_lib.training import NaNStudyModule, config_from_dict
+
+    cfg = config_from_dict({"model": {"topology": "stacks", "n_layers": 2, "norm": "layernorm"},
+                            "training": {"weight_decay": 0.1}})
+    module = NaNStudyModule(cfg, n_features=4)
+    decay, exempt = module.configure_optimizers()["optimizer"].param_groups
+    for stack in ("forward", "backward"):
+        block0 = sorted(n.split(f"{stack}_layers.0.")[1] for n in decay["names"] if f"{stack}_layers.0." in n)
+        assert block0 == [f"{w}.weight" for w in ("conv1d", "dt_proj", "in_proj", "out_proj", "x_proj")]
+        for name in (f"{stack}_layers.1.dt_proj.bias", f"{stack}_layers.1.A_log", f"{stack}_layers.1.D",
+                     f"{stack}_norms.1.weight", f"{stack}_norms.1.bias"):
+            assert f"model.bimamba.{name}" in exempt["names"], name
+    assert sorted(decay["names"] + exempt["names"]) == sorted(n for n, _ in module.named_parameters())

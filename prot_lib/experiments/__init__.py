@@ -10,10 +10,10 @@ Above ``training`` (which trains one k-fold run and says each fold's fate) and b
   result written under ``out/cells/`` as it finishes, so an interrupted sweep resumes; a tqdm bar;
 - ``specs.py``: the sweep specs, YAML in ``prot_lib/configs/sweeps/``; ``sweeps.py``: :func:`run_sweep`,
   what ``python -m prot_lib sweep NAME`` runs, and the analysis of each kind;
-- the book's sweeps as functions: ``fix_matrix.py`` (chapter 8), ``stability.py`` (the stability map of
-  chapters 8 and 9, chapter 3's clip sweep, and the tables reading them), ``seeds.py`` (seed rates);
-- ``quick.py``: one short training in this process (the clip explorer, chapter 3's Adam probe);
-- ``recommended.py``: the configuration chapter 8 recommends (``prot_lib/configs/recommended/``);
+- the book's sweeps as functions: ``fix_matrix.py`` (chapter 9), ``stability.py`` (the stability map of
+  chapters 9 and 10, chapter 4's clip sweep, and the tables reading them), ``seeds.py`` (seed rates);
+- ``quick.py``: one short training in this process (the clip explorer, chapter 4's Adam probe);
+- ``recommended.py``: the configuration chapter 9 recommends (``prot_lib/configs/recommended/``);
 - ``runtime.py``: how a worker is set up (one thread, Lightning quiet).
 """
 from .cells import (CLIP_SETTINGS, ROW_COLUMNS, Cell, cell_config, clip_settings, fold_rows, grid_cells,

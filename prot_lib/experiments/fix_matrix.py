@@ -1,7 +1,7 @@
-"""Chapter 8's evidence: every fix on every dataset, one table.
+"""Chapter 9's evidence: every fix on every dataset, one table.
 
 :func:`fix_matrix` trains ``reproduction_config(dataset, fix)`` for each (dataset, fix): the same configs
-and the same :func:`~prot_lib.training.kfold.run_kfold` as chapters 1-7, so ``PROT_LIB_CACHE`` reads
+and the same :func:`~prot_lib.training.kfold.run_kfold` as chapters 1-8, so ``PROT_LIB_CACHE`` reads
 their runs back. Two fixes whose configs are the same run (Dyconex's ``lower-lr``: its shipped lr
 already is 1e-4) are trained once, and the table says so (``same_config_as``).
 

@@ -1,4 +1,4 @@
-"""Single short trainings, in this process: the clip explorer's retraining and chapter 3's Adam probe.
+"""Single short trainings, in this process: the clip explorer's retraining and chapter 4's Adam probe.
 
 One fold, a few hundred optimizer steps at most, on one CPU thread: a few seconds each. The run is a
 shipped reproduction (:func:`~prot_lib.training.config.reproduction_config`) with three knobs turned
@@ -104,11 +104,13 @@ class AdamStepRecorder(pl.Callback):
 
 
 def adam_probe(dataset: str = "ishigami", lr: Optional[float] = None, gradient_clip_val: Optional[float] = None,
-               max_steps: int = 150, seed: int = 0, fold: int = 0) -> pd.DataFrame:
+               max_steps: int = 150, seed: int = 0, fold: int = 0,
+               overrides: Optional[dict] = None) -> pd.DataFrame:
     """One :func:`quick_train` fold with an :class:`AdamStepRecorder`: its history joined with the
-    recorder's ``update_norm`` and ``sqrt_v_norm`` per step (never cached: callbacks disable the cache)."""
+    recorder's ``update_norm`` and ``sqrt_v_norm`` per step (never cached: callbacks disable the cache).
+    ``overrides``: dotted config overrides, as :func:`quick_config` (e.g. ``topology_overrides("layers")``)."""
     rec = AdamStepRecorder()
-    cfg = quick_config(dataset, lr, gradient_clip_val, seed, max_steps=max_steps)
+    cfg = quick_config(dataset, lr, gradient_clip_val, seed, overrides=overrides, max_steps=max_steps)
     with tempfile.TemporaryDirectory(prefix="prot_lib_probe_") as tmp, quiet_lightning():
         res = run_kfold(cfg, folds=[fold], max_steps=max_steps, run_dir=Path(tmp), progress=False,
                         callbacks=[rec], keep_models=False)

@@ -1,4 +1,4 @@
-"""The configuration the book recommends (chapter 8), as YAML: ``prot_lib/configs/recommended/``.
+"""The configuration the book recommends (chapter 9), as YAML: ``prot_lib/configs/recommended/``.
 
 ``common.yaml`` holds the keys every dataset gets, each with the chapter that measured why;
 ``<dataset>.yaml`` the learning rate and schedule of one dataset. :func:`recommended_config` applies

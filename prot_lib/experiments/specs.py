@@ -4,7 +4,7 @@ A spec is a grid (:func:`~prot_lib.experiments.cells.grid_cells`) plus the name 
 reads its rows (``kind``)::
 
     kind: stability-map          # fix-matrix | stability-map | clip-sweep | seed-rates
-    description: learning rate x clip setting, chapter 8
+    description: learning rate x clip setting, chapter 9
     bases:                       # label -> dataset (default: the label), fixes, lrs, settings, seeds,
       ishigami: {folds: [0, 1, 2]}   #   folds, max_steps, or a config file: {config: my.yaml}
       dyconex: {fixes: [normalize], folds: [0, 1]}

@@ -1,11 +1,11 @@
 """How stable is training over learning rate x clip setting (x seed)? The stability map, the clip
 sweep, and the tables that read them.
 
-- :func:`stability_map` (chapters 8 and 9): every (base, lr, clip setting) cell trains some folds; the
+- :func:`stability_map` (chapters 9 and 10): every (base, lr, clip setting) cell trains some folds; the
   clip settings are labels (:data:`~prot_lib.experiments.cells.CLIP_SETTINGS`: none, three fixed
   norms, AutoClip, ZClip). Does clipping make a too-large learning rate safe, and does an adaptive
   algorithm remove the need to tune the clip value?
-- :func:`clip_sweep` (chapter 3): one learning rate, several clip values, several seeds.
+- :func:`clip_sweep` (chapter 4): one learning rate, several clip values, several seeds.
 
 Both are grids of :func:`~prot_lib.experiments.cells.grid_cells` run by
 :func:`~prot_lib.experiments.engine.run_cells`; both return its rows
@@ -84,7 +84,7 @@ def clip_sweep(dataset: str = "ishigami", lr: Optional[float] = None,
                clip_values: Sequence[Optional[float]] = (None, 0.1, 1.0, 10.0), max_steps: int = 150,
                seeds: Iterable[int] = (0,), folds: Iterable[int] = (0,), fix: str = "none",
                overrides: Optional[Mapping[str, Any]] = None, **engine: Any) -> pd.DataFrame:
-    """One run per (clip value, seed) over ``folds`` (chapter 3's sweep), through the engine.
+    """One run per (clip value, seed) over ``folds`` (chapter 4's sweep), through the engine.
 
     Args:
         clip_values: ``gradient_clip_val`` values under "norm"; None (or 0) is clipping off.

@@ -54,6 +54,8 @@ from typing import Any, Literal, Mapping, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..models.bimamba import TOPOLOGIES
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -83,7 +85,7 @@ class WarmupConfig(_Strict):
 
     ``start_factor``, ``total_iters`` and ``step_size`` count in ``interval`` units: optimizer steps
     for ``interval: step`` (what warmup is meant to be), epochs for ``interval: epoch`` (Lightning's
-    default for a scheduler, and the pitfall shown in chapter 6).
+    default for a scheduler, and the pitfall shown in chapter 7).
     """
 
     enabled: bool = False
@@ -335,21 +337,44 @@ def reproduction_datasets() -> tuple:
     return tuple(sorted(p.stem[: -len("_unmitigated")] for p in CONFIG_DIR.glob("*_unmitigated.yaml")))
 
 
-def reproduction_config(dataset: str, fix: str = "none") -> RunConfig:
+def topology_overrides(topology: str) -> dict:
+    """Dotted overrides that swap a config's BiMamba to ``topology`` with that topology's own residual
+    default: ``{"model.topology": topology, "model.residual": None}`` (``layers``: residual stream;
+    ``stacks``: the write-up's plain stacks). For APIs that take ``overrides`` (sweeps, probes, widgets).
+
+    Raises:
+        ConfigError: unknown topology (lists the valid ones).
+    """
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"unknown topology {topology!r}; valid: {', '.join(TOPOLOGIES)}")
+    return {"model.topology": topology, "model.residual": None}
+
+
+def reproduction_config(dataset: str, fix: str = "none", topology: Optional[str] = None) -> RunConfig:
     """The shipped unmitigated config of ``dataset`` with one fix (or all) applied on top.
 
     ``dataset`` is one of :func:`reproduction_datasets`: ``ishigami`` and ``dyconex`` (the write-up's
     two reports), ``dyconex_long`` (the write-up's scale: L 1023, d_model 100, batch 50, 4 layers) and
     ``dyconex_long_ci`` (the same mechanism at L 99, for CI).
 
+    ``topology`` (None: the file's, ``stacks`` in every shipped reproduction) swaps the BiMamba before
+    the fix is applied: ``"layers"`` gives the Vim-style residual stack with its own residual default
+    (``model.residual: null``), the model several chapters use for lr-driven divergence; everything
+    else in the file is kept.
+
     Raises:
-        ConfigError: unknown dataset or fix (lists the valid ones).
+        ConfigError: unknown dataset, fix or topology (lists the valid ones).
     """
     valid = reproduction_datasets()
     if dataset not in valid:
         raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(valid)}")
     base = _read_yaml(CONFIG_DIR / f"{dataset}_unmitigated.yaml")
-    cfg = config_from_dict(deep_merge(base, fix_overlay(fix)), source=f"{dataset}_unmitigated.yaml + fix {fix}")
+    if topology is not None:
+        swap = topology_overrides(topology)
+        if topology != base.get("model", {}).get("topology", "stacks"):
+            base = deep_merge(base, {"model": {k.split(".", 1)[1]: v for k, v in swap.items()}})
+    cfg = config_from_dict(deep_merge(base, fix_overlay(fix)), source=f"{dataset}_unmitigated.yaml + fix {fix}"
+                           + (f" + topology {topology}" if topology else ""))
     if fix != "none":
         cfg = cfg.updated({"name": f"{dataset}_{fix}"})
     return cfg

@@ -223,6 +223,38 @@ def train_fold(config: RunConfig, data: SequenceData, fold: int, train_idx, val_
     return module, recorder, messages
 
 
+def fold_start(config: RunConfig, fold: int, data: Optional[SequenceData] = None):
+    """A fold as :func:`train_fold` starts it: the freshly initialised model and its first training batch.
+
+    The same seeding, data split, normalisation, loaders and module construction as ``train_fold``,
+    without a Trainer: what the first optimizer step will see. Used to look inside a run before it
+    trains (e.g. :func:`prot_lib.diagnostics.scale.layer_stats` of every fold at step 0).
+
+    Args:
+        config: the run's config.
+        fold: fold index, 0 <= fold < ``config.training.k_fold``.
+        data: the dataset (default: ``load_dataset(config.data.name)``).
+
+    Returns:
+        ``(model, x, y)``: the :class:`~prot_lib.models.S6Regressor` in eval mode (dropout off),
+        ``x: (batch, L, F)`` and ``y: (batch,)`` of the fold's first training batch.
+
+    Raises:
+        ValueError: ``fold`` outside ``range(k_fold)``.
+    """
+    t = config.training
+    if not 0 <= fold < t.k_fold:
+        raise ValueError(f"fold must be in 0..{t.k_fold - 1} (training.k_fold = {t.k_fold}), got {fold}")
+    data = load_dataset(config.data.name) if data is None else data
+    train_idx, val_idx = fold_indices(len(data), t.k_fold, t.seed)[fold]
+    pl.seed_everything(t.seed + fold, workers=True, verbose=False)
+    fold_data = data.normalized(train_idx) if config.data.normalize else data
+    train_dl, _ = make_loaders(fold_data, train_idx, val_idx, t.batch_size, t.seed + fold)
+    module = NaNStudyModule(config, n_features=fold_data.x.shape[-1])
+    x, y = next(iter(train_dl))
+    return module.model.eval(), x, y
+
+
 def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Optional[SequenceData] = None,
               run_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
               callbacks: Sequence[pl.Callback] = (), keep_models: bool = True,

@@ -166,7 +166,7 @@ class NaNStudyModule(pl.LightningModule):
             self.log(f"{stage}_final_loss_nan", final_nan.float(), on_step=True, on_epoch=False)
             if final_nan:
                 # The write-up's last resort: a fresh leaf tensor. It carries no graph, so no
-                # parameter would receive a gradient from it (chapter 4 shows it cannot fire anyway).
+                # parameter would receive a gradient from it (chapter 5 shows it cannot fire anyway).
                 loss = torch.tensor(SANITIZE_LOSS_FILL, requires_grad=True)
         return loss, raw_loss, pred.detach(), y, valid
 

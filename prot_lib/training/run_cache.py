@@ -3,7 +3,7 @@
 When the environment variable ``PROT_LIB_CACHE`` names a folder (the book build and the notebook
 tests set it; the sweep engine passes it on to its workers), :func:`~prot_lib.training.kfold.run_kfold`
 looks a run up here before training and stores it after. The book's chapters share runs this way:
-chapter 3's clip sweep at clipping off, seed 0, all folds *is* chapter 1's reproduction, and is read
+chapter 4's clip sweep at clipping off, seed 0, all folds *is* chapter 1's reproduction, and is read
 back instead of retrained.
 
 An entry is keyed by

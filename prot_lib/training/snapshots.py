@@ -1,5 +1,5 @@
 """Rebuild and trace the failing step of a :class:`prot_lib.diagnostics.NonfiniteSnapshot` of a
-:class:`NaNStudyModule` run (the book's chapters 1, 2 and 7).
+:class:`NaNStudyModule` run (the book's chapters 1, 2 and 8).
 
 :class:`~prot_lib.diagnostics.NonfiniteSnapshot` keeps ``state_dict`` and ``batch`` of the first bad
 step of any LightningModule; these helpers turn such a snapshot of *this* project's module back into

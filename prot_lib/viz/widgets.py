@@ -33,12 +33,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..data import DATASETS
 from ..experiments.cells import fold_rows
 from ..experiments.quick import quick_config, quick_train
 from ..experiments.stability import clip_sweep
+from ..training.config import topology_overrides
 from ..training.kfold import KFoldResult
 from . import plots
+
+#: the datasets the explorer offers: the write-up's two reports (the long stand-in takes minutes per step)
+EXPLORER_DATASETS = ("ishigami", "dyconex")
+#: the models the explorer offers: label -> ``model.topology``
+EXPLORER_MODELS = {"write-up stacks": "stacks", "residual stack": "layers"}
 
 __all__ = ["ClipExplorer", "clip_explorer", "clip_sweep", "plot_clip_run", "plot_clip_sweep", "figure_png",
            "describe_clip_run", "describe_sweep", "plot_adam_probe", "adam_probe_ratios"]
@@ -239,7 +244,8 @@ class ClipExplorer(widgets.VBox):
 
     def __init__(self, dataset: str = "ishigami", lr: Optional[float] = None, clip_values: Sequence[float] = (1e-2, 1e2),
                  clip_value: float = 1.0, clip_on: bool = True, max_steps: int = 120, seed: int = 0,
-                 fold: int = 0, lr_range: Sequence[float] = (1e-4, 1e-1), run: bool = True):
+                 fold: int = 0, lr_range: Sequence[float] = (1e-4, 1e-1), run: bool = True,
+                 topology: str = "stacks"):
         lo, hi = float(min(clip_values)), float(max(clip_values))
         if not 0 < lo < hi:
             raise ValueError(f"clip_values must span a positive range, got {clip_values!r}")
@@ -256,8 +262,13 @@ class ClipExplorer(widgets.VBox):
             value=lr, base=10, min=math.log10(lr_range[0]), max=math.log10(lr_range[1]), step=0.25,
             description="learning rate", readout_format=".2g", continuous_update=False,
             style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
-        self.dataset = widgets.Dropdown(options=list(DATASETS), value=dataset, description="dataset",
+        if dataset not in EXPLORER_DATASETS or topology not in EXPLORER_MODELS.values():
+            raise ValueError(f"dataset must be one of {EXPLORER_DATASETS} and topology one of "
+                             f"{tuple(EXPLORER_MODELS.values())}, got {dataset!r}, {topology!r}")
+        self.dataset = widgets.Dropdown(options=list(EXPLORER_DATASETS), value=dataset, description="dataset",
                                         layout=widgets.Layout(width="220px"))
+        self.model = widgets.Dropdown(options=list(EXPLORER_MODELS.items()), value=topology, description="model",
+                                      layout=widgets.Layout(width="240px"))
         self.status = widgets.HTML(value="")
         self.output = widgets.Output(layout=widgets.Layout(min_height="300px"))
         self.last_result = None
@@ -266,10 +277,10 @@ class ClipExplorer(widgets.VBox):
         self.clip_slider.disabled = self.off_toggle.value
         super().__init__(children=[
             widgets.HBox([self.clip_slider, self.off_toggle]),
-            widgets.HBox([self.lr_slider, self.dataset]),
+            widgets.HBox([self.lr_slider, self.dataset, self.model]),
             self.status, self.output,
         ])
-        for control in (self.clip_slider, self.off_toggle, self.lr_slider, self.dataset):
+        for control in (self.clip_slider, self.off_toggle, self.lr_slider, self.dataset, self.model):
             control.observe(self._on_change, names="value")
         if run:
             self.update()
@@ -292,13 +303,13 @@ class ClipExplorer(widgets.VBox):
         self.status.value = "<i>training…</i>"
         t0 = time.perf_counter()
         res = quick_train(self.dataset.value, float(self.lr_slider.value), clip, max_steps=self.max_steps,
-                          seed=self.seed, fold=self.fold)
+                          seed=self.seed, fold=self.fold, overrides=topology_overrides(self.model.value))
         seconds = time.perf_counter() - t0
         fig = Figure(figsize=(12, 4))
         axes = fig.subplots(1, 2)
         h = res.history
         finding = describe_clip_run(res, clip)
-        plot_clip_run(res, clip, axes=axes, title=(f"{self.dataset.value}, fold {self.fold}, "
+        plot_clip_run(res, clip, axes=axes, title=(f"{self.dataset.value} ({self.model.label}), fold {self.fold}, "
                                                    f"lr {self.lr_slider.value:.2g}: {finding}"))
         png = figure_png(fig)
         self.last_result, self.last_png = res, png
@@ -316,7 +327,7 @@ class ClipExplorer(widgets.VBox):
 
 def clip_explorer(dataset: str = "ishigami", lr: Optional[float] = None, clip_values: Sequence[float] = (1e-2, 1e2),
                   max_steps: int = 120, seed: int = 0, fold: int = 0, clip_value: float = 1.0,
-                  clip_on: bool = True, run: bool = True) -> ClipExplorer:
+                  clip_on: bool = True, run: bool = True, topology: str = "stacks") -> ClipExplorer:
     """The clip-value explorer widget (see the module docstring); trains once at creation when ``run``.
 
     Args:
@@ -328,6 +339,11 @@ def clip_explorer(dataset: str = "ishigami", lr: Optional[float] = None, clip_va
         seed, fold: which fold of which seed's k-fold split to train.
         clip_value, clip_on: the initial slider value and whether clipping starts on.
         run: train and draw once now (False: wait for :meth:`ClipExplorer.update`).
+        topology: the model the explorer starts with: "stacks" (the write-up's BiMamba) or "layers"
+            (the Vim-style residual stack); a dropdown switches it.
+
+    Raises:
+        ValueError: a dataset outside :data:`EXPLORER_DATASETS` or an unknown topology.
     """
     return ClipExplorer(dataset=dataset, lr=lr, clip_values=clip_values, clip_value=clip_value,
-                        clip_on=clip_on, max_steps=max_steps, seed=seed, fold=fold, run=run)
+                        clip_on=clip_on, max_steps=max_steps, seed=seed, fold=fold, run=run, topology=topology)
