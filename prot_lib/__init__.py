@@ -1,9 +1,10 @@
 """prot_lib: how NaN losses arise when training Mamba (S6) models with PyTorch Lightning, and how to fix them.
 
-Folders name the parts: ``data`` (what goes in), ``models`` (the S6 math), ``diagnostics`` (finding
-where a NaN was born), ``callbacks`` (the safety nets, for any LightningModule), ``training`` (config,
-Lightning module, k-fold), ``viz`` (plots, widgets). Dependencies run one way, in that order
-(``tests/test_layers.py``).
+Folders name the parts: ``utils`` (atomic writes, batch copies), ``data`` (what goes in), ``models``
+(the S6 math), ``diagnostics`` (finding where a NaN was born, a block's scale map), ``callbacks`` (the
+safety nets, for any LightningModule), ``training`` (config, Lightning module, k-fold), ``experiments``
+(the book's sweeps on one engine), ``viz`` (plots, widgets), ``__main__`` (the CLI). Dependencies run
+one way, in that order (``tests/test_layers.py``).
 The most used names are importable from the top level lazily (``from prot_lib import run_kfold``).
 """
 from importlib import import_module
@@ -11,7 +12,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "S6Regressor": "models", "BiMamba": "models", "Mamba": "models", "selective_scan": "models",
+    "S6Regressor": "models", "BiMamba": "models", "BiMambaStacks": "models", "Mamba": "models", "selective_scan": "models",
     "selective_scan_reference": "models",
     "load_dataset": "data", "SequenceData": "data", "DataError": "data",
     "RunConfig": "training", "ConfigError": "training", "load_config": "training", "named_config": "training",
