@@ -249,3 +249,68 @@ def test_what_a_norm_after_the_block_cannot_undo():
         assert ln(torch.tensor([[1e23, -1e23, 5.0]])).abs().max() == 0.0
         torch.testing.assert_close(ln(torch.tensor([[1e19, -1e19, 0.0]])), torch.tensor([[1.2247, -1.2247, 0.0]]),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_fold_start_is_the_model_and_batch_train_fold_starts_with():
+    # what run_kfold's first optimizer step sees: the initial weights and the first training batch
+    import lightning.pytorch as pl
+
+    from prot_lib.training import fold_start
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 0:
+                self.state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+                self.x = batch[0].clone()
+
+    cfg = reproduction_config("ishigami")
+    seen = FirstStep()
+    run_kfold(cfg, folds=[2], max_steps=1, callbacks=[seen], progress=False)
+    model, x, y = fold_start(cfg, 2)
+    assert not model.training and x.shape == (cfg.training.batch_size, 3, 4) and y.shape == (x.shape[0],)
+    assert torch.equal(x, seen.x)
+    state = model.state_dict()
+    assert state.keys() == seen.state.keys() and all(torch.equal(state[k], seen.state[k]) for k in state)
+    with pytest.raises(ValueError, match="fold must be in 0..4"):
+        fold_start(cfg, 5)
+
+
+def test_reproduction_config_swaps_the_topology_before_the_fix():
+    from prot_lib.training import topology_overrides
+    from prot_lib.training.config import ConfigError
+
+    plain = reproduction_config("ishigami")
+    layers = reproduction_config("ishigami", topology="layers")
+    assert (plain.model.topology, plain.model.residual) == ("stacks", False)
+    assert (layers.model.topology, layers.model.residual) == ("layers", None)  # None: the topology's own (residual)
+    assert build_model(layers.model, 4).bimamba.__class__ is BiMamba
+    # everything but the model is the shipped file's; the fix goes on top of the swapped model
+    assert layers.training == plain.training and layers.data == plain.data
+    ln = reproduction_config("ishigami", "layernorm", topology="layers")
+    assert (ln.model.topology, ln.model.norm, ln.model.norm_position, ln.model.residual) == ("layers", "layernorm", "pre", True)
+    assert reproduction_config("ishigami", topology="stacks") == plain
+    assert topology_overrides("layers") == {"model.topology": "layers", "model.residual": None}
+    assert plain.updated(topology_overrides("layers")).model == layers.model
+    with pytest.raises(ConfigError, match="unknown topology 'vim'; valid: stacks, layers"):
+        reproduction_config("ishigami", topology="vim")
+
+
+def test_scale_plots_draw_the_tables_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from prot_lib.viz.scale_plots import FLOAT32_MAX, plot_layer_growth, plot_scale_map
+
+    torch.manual_seed(0)
+    smap = block_scale_map(Mamba(d_model=8, d_state=4).eval(), [0.5, 4, 64], shape=(2, 16, 8))
+    ax = plot_scale_map(smap, fixed_point(smap), title="t")
+    xs, ys = ax.lines[0].get_data()
+    assert list(xs) == list(smap["in_rms"]) and list(ys) == list(smap["out_rms"])
+    growth = growth_by_input_scale([1, 100], shape=(2, 16, 8), n_layers=3)
+    fig = plot_layer_growth(growth, ["stacks (write-up)", "stacks + postnorm (their fix)"], title="g")
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "stacks (write-up)"
+    overflowed = [ln for ln in fig.axes[0].lines if list(ln.get_ydata()) and ln.get_ydata()[-1] == FLOAT32_MAX]
+    plain100 = growth[(growth["variant"] == "stacks (write-up)") & (growth["scale"] == 100) & (growth["stack"] == "forward")]
+    assert bool(plain100["max_abs"].isna().any()) == (len(overflowed) > 0)
+    with pytest.raises(ValueError, match="measure must be"):
+        plot_scale_map(smap, measure="mean")
