@@ -119,7 +119,7 @@ class _LowRankLinearFn(torch.autograd.Function):
     """x @ weight.T for a low-rank x (..., rank) and weight (out, rank), with the backward's two
     matmuls written in the operand layouts that MKL runs fast for a small rank: dl/dx = g @ W with W
     read as the transpose of a contiguous (rank, out) copy, dl/dW = (x^T g)^T. The plain forms,
-    which autograd uses for F.linear, made forward + backward 1.7x slower at the write-up's shape
+    which autograd uses for F.linear, made forward + backward 1.7-2.0x slower at the write-up's shape
     (x (50, 1023, 7), weight (200, 7), one thread: ``python benchmarks/bench_block_ops.py``,
     benchmarks/README.md). Forward: ``F.linear(x, weight)`` itself.
 
@@ -158,10 +158,12 @@ class _CausalConvFn(torch.autograd.Function):
         # mamba-ssm's causal_conv1d kernel starts the sum at the bias, then adds the taps from the
         # oldest token: bias + w_0 x_{t-K+1} + ... + w_{K-1} x_t; tap k is shifted by K-1-k steps
         out = x.new_zeros(x.shape) if bias is None else bias.expand(x.shape).contiguous()
+        tmp = torch.empty_like(out)  # one buffer for the products (each rounded before the add)
         for k in range(K):
             shift = K - 1 - k
             if shift < L:
-                out[:, shift:] += x[:, :L - shift] * taps[k]
+                prod = torch.mul(x[:, :L - shift], taps[k], out=tmp[:, :L - shift])
+                out[:, shift:] += prod
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return out

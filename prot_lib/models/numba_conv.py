@@ -20,9 +20,9 @@ backward 3K more plus reductions, each a pass through memory; oneDNN's depthwise
 the (batch, C, L) layout, whose transposed copies cost more than the convolution (issue 13's profile
 of one training step, benchmarks/README.md). Here one pass reads x and writes out, one pass the
 backward, with the rows of K tokens in L1. At the write-up's shape (50, 1023, 200), one thread,
-forward + backward: nn.Conv1d with the old block's transposed copies 5.0x these kernels' time, the
-same sums as torch ops (:func:`~prot_lib.models.mamba.causal_depthwise_conv1d` without numba) 5.8x
-(``python benchmarks/bench_block_ops.py``, benchmarks/README.md).
+forward + backward: nn.Conv1d with the old block's transposed copies 5.0-5.2x these kernels' time,
+the same sums as torch ops (:func:`~prot_lib.models.mamba.causal_depthwise_conv1d` without numba)
+5.0x (``python benchmarks/bench_block_ops.py``, two runs; benchmarks/README.md).
 
 Numerics: every product is rounded before it is added (no fused multiply-add: the kernels use no
 fast-math flag). Non-finite values arise where torch's float32 CPU ``nn.Conv1d`` (oneDNN) gives

@@ -275,7 +275,7 @@ if AVAILABLE:
     def _transpose_items(src, dst, lo, hi):
         """dst[b] = src[b].T for b in lo..hi-1; src (batch, X, Y), dst (batch, Y, X), both
         contiguous. In 8 x 8 tiles, whose fully unrolled copy LLVM turns into vector shuffles (torch's
-        transposing copy_ 1.7x slower for (50, 200, 1023), one thread: ``python
+        transposing copy_ 1.4-1.7x slower for (50, 200, 1023), one thread: ``python
         benchmarks/bench_block_ops.py``, benchmarks/README.md); plain loops at the edges."""
         X = src.shape[1]
         Y = src.shape[2]
