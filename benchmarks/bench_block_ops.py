@@ -14,9 +14,15 @@ Pairs (each: the old form, then the new one; forward and backward of ``sum(out *
 Each number is the median of ``--repeats`` calls, the pair's calls interleaved so that load hits
 both alike; the ratio is old / new (> 1: the new form is faster). No test asserts a time.
 
+``--profile-block`` instead prints ``torch.profiler``'s table for one whole ``Mamba`` block, forward
+and backward of ``sum(out * g)`` at the write-up shape (after one warm-up call), and the time of
+filling a fresh (batch * L, 4 * d_model) float32 tensor (in_proj's output) against filling an
+existing one: what glibc's fresh mapping of large blocks (page faults) costs each such output.
+
 Usage:
     python benchmarks/bench_block_ops.py              # write-up shape, 1 thread, 7 repeats
     python benchmarks/bench_block_ops.py --quick      # tiny shape, 1 repeat: checks the script runs
+    python benchmarks/bench_block_ops.py --profile-block
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from prot_lib.models.mamba import CausalConv1d, _LowRankLinearFn, causal_depthwise_conv1d  # noqa: E402
+from prot_lib.models.mamba import CausalConv1d, Mamba, _LowRankLinearFn, causal_depthwise_conv1d  # noqa: E402
 from prot_lib.models.numba_scan import _swapped  # noqa: E402
 
 
@@ -83,15 +89,44 @@ def pairs(batch: int, L: int, d_inner: int, rank: int, d_conv: int) -> Dict[str,
     }
 
 
+def profile_block(batch: int, L: int, d_model: int, repeats: int) -> None:
+    """torch.profiler's table for one Mamba block's forward + backward, and fresh-vs-reused fills."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    block = Mamba(d_model, backend="torch")
+    x = torch.randn(batch, L, d_model, requires_grad=True)
+    g = torch.randn(batch, L, d_model)
+    block(x).backward(g)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block(x).backward(g)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
+    shape = (batch * L, 4 * d_model)
+    reused = torch.empty(shape)
+    fills = {"fresh": lambda: torch.empty(shape).fill_(1.0), "reused": lambda: reused.fill_(1.0)}
+    times: Dict[str, List[float]] = {k: [] for k in fills}
+    for _ in range(repeats):
+        for k, call in fills.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    print(f"fill {shape} float32: fresh {statistics.median(times['fresh']) * 1e3:.1f} ms, "
+          f"reused {statistics.median(times['reused']) * 1e3:.1f} ms (median of {repeats})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 repeat (checks the script runs)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per op (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--profile-block", action="store_true", help="profile one Mamba block instead (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = (2, 20, 16, 2, 4) if args.quick else (50, 1023, 200, 7, 4)
     repeats = args.repeats or (1 if args.quick else 7)
+    if args.profile_block:
+        profile_block(shape[0], shape[1], shape[2] // 2, repeats)
+        return
     print(f"batch, L, d_inner, dt_rank, d_conv = {shape}; {args.threads} thread(s); median of {repeats}; "
           f"load average {os.getloadavg()}", flush=True)
     for name, ops in pairs(*shape).items():
