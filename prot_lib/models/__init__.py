@@ -2,8 +2,12 @@
 directional stacks, a Vim-style residual stack) and the regressor built from a config by
 :func:`build_model`.
 
-The fast chunked scan, when present, is reached only through :mod:`.selective_scan`, which falls
-back to the unbind loop without it.
+The models reach the scan only through :func:`.selective_scan.selective_scan`, which chooses the
+implementation by ``$PROT_LIB_SCAN`` (``auto``, the default: for CPU tensors the compiled numba
+scan of :mod:`.numba_scan` where numba imports, else the pure-PyTorch chunked scan of
+:mod:`.chunked_scan`; ``numba``: the compiled scan, an error without numba; ``torch``: always the
+chunked scan; tensors on other devices always take the chunked scan). The Mamba block's causal
+depthwise convolution follows the same choice (the kernels of :mod:`.numba_conv` or torch ops).
 """
 from .bimamba import NORM_POSITIONS, TOPOLOGIES, BiMamba, BiMambaLayer, BiMambaStacks, S6Regressor
 from .build import build_model

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, List, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .selective_scan import selective_scan
+from .numba_conv import numba_causal_conv1d
+from .selective_scan import scan_backend, selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,163 @@ def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def _grad_taps(gp: torch.Tensor, taps: torch.Tensor, L: int) -> torch.Tensor:
+    """dl/dx of the causal conv: sum_k taps[k] * gp[:, K-1-k : K-1-k + L] for k = 0..K-1, in that
+    order, each product rounded before it is added (no fused multiply-add, which could turn an
+    overflowing product into a finite sum). gp: (batch, L + K - 1, C), dl/dout followed by the K - 1
+    zeros of the outputs cut off after L; taps: (K, C)."""
+    K = taps.shape[0]
+    out = gp[:, K - 1:K - 1 + L] * taps[0]
+    tmp = torch.empty_like(out)
+    for k in range(1, K):
+        torch.mul(gp[:, K - 1 - k:K - 1 - k + L], taps[k], out=tmp)
+        out += tmp
+    return out
+
+
+class _LowRankLinearFn(torch.autograd.Function):
+    """x @ weight.T for a low-rank x (..., rank) and weight (out, rank), with the backward's two
+    matmuls written in the operand layouts that MKL runs fast for a small rank: dl/dx = g @ W with W
+    read as the transpose of a contiguous (rank, out) copy, dl/dW = (x^T g)^T. The plain forms,
+    which autograd uses for F.linear, made forward + backward 1.7-2.0x slower at the write-up's shape
+    (x (50, 1023, 7), weight (200, 7), one thread: ``python benchmarks/bench_block_ops.py``,
+    benchmarks/README.md). Forward: ``F.linear(x, weight)`` itself.
+
+    Shapes: x (..., rank), weight (out, rank) -> (..., out); the gradients have their inputs'
+    shapes (x's contiguous). Single backward (not differentiable twice)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ weight.t().contiguous().t()).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = (x.reshape(-1, x.shape[-1]).t() @ g2).t().contiguous()
+        return gx, gw
+
+
+class _CausalConvFn(torch.autograd.Function):
+    """Causal depthwise convolution on time-major tensors with torch ops and a hand-written
+    backward (autograd through K shifted slices would build K full-size zero gradients). Where a tap
+    reads the padding before t = 0 it is left out of the forward sum, as torch's float32 CPU
+    ``nn.Conv1d`` (oneDNN) computes it; the backward multiplies the zeros as that convolution's
+    backward does (see :func:`causal_depthwise_conv1d`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        K, L = weight.shape[-1], x.shape[1]
+        taps = weight[:, 0, :].t()  # (K, C)
+        # mamba-ssm's causal_conv1d kernel starts the sum at the bias, then adds the taps from the
+        # oldest token: bias + w_0 x_{t-K+1} + ... + w_{K-1} x_t; tap k is shifted by K-1-k steps
+        out = x.new_zeros(x.shape) if bias is None else bias.expand(x.shape).contiguous()
+        tmp = torch.empty_like(out)  # one buffer for the products (each rounded before the add)
+        for k in range(K):
+            shift = K - 1 - k
+            if shift < L:
+                prod = torch.mul(x[:, :L - shift], taps[k], out=tmp[:, :L - shift])
+                out[:, shift:] += prod
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        K, L = weight.shape[-1], g.shape[1]
+        g = g.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # dl/dx_s = sum_k w_k dl/dy_{s + K-1-k}; the K - 1 zeros after L stand for the outputs
+            # cut off after L, whose zero gradients nn.Conv1d's backward multiplies by the weights
+            gx = _grad_taps(F.pad(g, (0, 0, 0, K - 1)), weight[:, 0, :].t(), L)
+        if ctx.needs_input_grad[1]:
+            xp = F.pad(x, (0, 0, K - 1, 0))  # (batch, K - 1 zeros + L, C): the padding, multiplied
+            tmp = torch.empty_like(g)
+            gw = torch.stack([torch.mul(g, xp[:, k:k + L], out=tmp).sum((0, 1)) for k in range(K)],
+                             dim=-1).unsqueeze(1)  # (C, 1, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 1))
+        return gx, gw, gb
+
+
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal depthwise convolution along L of a time-major sequence.
+
+    out[b, t, c] = bias[c] + sum_{k=0}^{K-1} weight[c, 0, k] * x[b, t - (K-1) + k, c], with x = 0
+    before t = 0: exactly ``nn.Conv1d(C, C, K, groups=C, padding=K-1)(x.transpose(1, 2))[..., :L]``
+    transposed back (mamba-ssm's ``conv1d`` and ``causal_conv1d_fn``), but read and written in the
+    (batch, L, C) layout, so that no transposed copy is made, with the sum in the causal_conv1d
+    kernel's order (bias first, then the taps from the oldest token).
+
+    Non-finite weights give what torch's float32 CPU ``nn.Conv1d`` (oneDNN, the path of the
+    models before this function and of every run in the book) gives: the forward leaves out the
+    taps that read the padding before t = 0 (an inf or NaN weight does not reach the first K - 1
+    outputs through them), and the backward multiplies the zeros, as that convolution's backward
+    does: dl/dx at the last K - 1 steps gets ``weight * 0`` from the outputs cut off after L (NaN
+    for an inf weight), dl/dweight gets ``dl/dout * 0`` from the padding (NaN for an inf gradient).
+    (torch's float64 CPU convolution multiplies the padding in the forward too; measured with torch
+    2.13, tests/test_conv.py.)
+
+    Args:
+        x: (batch, L, C), any strides.
+        weight: (C, 1, K), as ``nn.Conv1d(C, C, K, groups=C).weight``.
+        bias: (C,) or None.
+
+    Returns:
+        (batch, L, C), contiguous, x's dtype; differentiable in x, weight and bias (once: the
+        backward is not itself differentiable). Float32 CPU tensors go to the compiled kernels of
+        :mod:`.numba_conv` where :func:`~.selective_scan.scan_backend` says "numba", everything
+        else to the same sums as torch ops.
+
+    Raises:
+        ValueError: shapes that do not fit (the message names them).
+    """
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"causal_depthwise_conv1d needs x (batch, L, C) and weight (C, 1, K), got "
+                         f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(f"bias must be (C={x.shape[-1]},), got {tuple(bias.shape)}")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if (scan_backend(x.device) == "numba" and all(t.dtype == torch.float32 for t in tensors)
+            and all(t.device.type == "cpu" for t in tensors)):
+        return numba_causal_conv1d(x, weight, bias)
+    return _CausalConvFn.apply(x, weight, bias)
+
+
+class CausalConv1d(nn.Conv1d):
+    """mamba-ssm's ``conv1d`` (``nn.Conv1d(C, C, K, groups=C, padding=K-1)``, output cut back to
+    the first L steps) on time-major input: (batch, L, C) -> (batch, L, C).
+
+    An ``nn.Conv1d`` with mamba-ssm's arguments, so its parameters (``weight`` (C, 1, K), ``bias``
+    (C,)), their initialisation and the state_dict are mamba-ssm's; only :meth:`forward` differs:
+    it takes and returns (batch, L, C) and computes :func:`causal_depthwise_conv1d`. Hooks on the
+    module see that time-major input and output.
+
+    Args:
+        channels: C (d_inner in a Mamba block).
+        kernel_size: K (d_conv).
+        bias: learn a bias per channel.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True) -> None:
+        super().__init__(channels, channels, kernel_size=kernel_size, groups=channels,
+                         padding=kernel_size - 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, L, C), any strides -> (batch, L, C) contiguous."""
+        return causal_depthwise_conv1d(x, self.weight, self.bias)
+
+
 class Mamba(nn.Module):
     """One Mamba (S6) block: (batch, L, d_model) -> (batch, L, d_model).
 
@@ -148,10 +306,9 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        # Depthwise (groups = channels) and padded by d_conv - 1 on both sides; cutting the output
-        # back to L keeps only the causal part, so token t never sees tokens after t.
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
-                                padding=d_conv - 1, bias=conv_bias)
+        # mamba-ssm's nn.Conv1d (depthwise, padding d_conv - 1, cut back to L: causal), with its
+        # parameters and initialisation, computed on time-major input (see CausalConv1d).
+        self.conv1d = CausalConv1d(self.d_inner, kernel_size=d_conv, bias=conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
 
@@ -206,21 +363,22 @@ class Mamba(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states must be (batch, L, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
-        L = hidden_states.shape[1]
-        # The scan wants channels before time: (batch, channels, L).
-        xz = self.in_proj(hidden_states).transpose(1, 2)
-        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, L) each; z is the gate
-        x = F.silu(self.conv1d(x)[..., :L])
+        # Time-major throughout: every tensor is (batch, L, channels) in memory, which is what the
+        # projections produce and read, what the causal conv walks along, and what the compiled scan
+        # reads without a copy; the scan's (batch, d_inner, L) arguments are transposed views.
+        xz = self.in_proj(hidden_states)  # (batch, L, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (batch, L, d_inner) views; z is the gate
+        x = F.silu(self.conv1d(x))  # (batch, L, d_inner)
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 * d_state)
+        x_dbl = self.x_proj(x)  # (batch, L, dt_rank + 2 * d_state)
         delta, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # No bias here: the scan adds dt_proj.bias before its softplus, as mamba-ssm does.
-        delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, L)
-        B = B.transpose(1, 2).contiguous()  # (batch, d_state, L)
-        C = C.transpose(1, 2).contiguous()
+        # No bias here: the scan adds dt_proj.bias before its softplus, as mamba-ssm does. The
+        # low-rank part is made contiguous (dt_rank columns: cheap) for the backward's matmuls.
+        delta = _LowRankLinearFn.apply(delta.contiguous(), self.dt_proj.weight)  # (batch, L, d_inner)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state), < 0
 
-        y = self._scan(x)(x, delta, A, B, C, self.D.float(), z=z,
+        y = self._scan(x)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                          C.transpose(1, 2), self.D.float(), z=z.transpose(1, 2),
                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 

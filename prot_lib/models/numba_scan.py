@@ -272,6 +272,29 @@ if AVAILABLE:
         return g if x > np.float32(20.0) else g * e / (e + np.float32(1.0))
 
     @_jit()
+    def _transpose_items(src, dst, lo, hi):
+        """dst[b] = src[b].T for b in lo..hi-1; src (batch, X, Y), dst (batch, Y, X), both
+        contiguous. In 8 x 8 tiles, whose fully unrolled copy LLVM turns into vector shuffles (torch's
+        transposing copy_ 1.4-1.7x slower for (50, 200, 1023), one thread: ``python
+        benchmarks/bench_block_ops.py``, benchmarks/README.md); plain loops at the edges."""
+        X = src.shape[1]
+        Y = src.shape[2]
+        X8 = X - X % 8
+        Y8 = Y - Y % 8
+        for b in range(lo, hi):
+            for x0 in range(0, X8, 8):
+                for y0 in range(0, Y8, 8):
+                    for i in range(8):
+                        for j in range(8):
+                            dst[b, y0 + j, x0 + i] = src[b, x0 + i, y0 + j]
+                for y in range(Y8, Y):
+                    for i in range(8):
+                        dst[b, y, x0 + i] = src[b, x0 + i, y]
+            for x in range(X8, X):
+                for y in range(Y):
+                    dst[b, y, x] = src[b, x, y]
+
+    @_jit()
     def _exp_kernel(x, out, c_arr):
         c = _constants(c_arr)
         for i in range(x.shape[0]):
@@ -294,11 +317,13 @@ if AVAILABLE:
         return acc
 
     @_jit()
-    def _forward_items(u, dl, At, Bm, Cm, Dv, bias, z, out, dt_save, v_save, last, starts, softplus,
-                       has_D, has_bias, has_z, save, T, block, c_arr, lo, hi):
+    def _forward_items(u, dl, At, Bm, Cm, Dv, bias, z, zsb, zst, out, dt_save, v_save, last, starts,
+                       softplus, has_D, has_bias, has_z, save, T, block, c_arr, lo, hi):
         """Forward of work items lo..hi-1, item = b * n_blocks + j for channels [j*block, ...).
 
-        u, dl (raw delta), z: (batch, L, d_inner) time-major; At: (d_state, d_inner) = A.T;
+        u, dl (raw delta): (batch, L, d_inner) time-major; z: flat, z[b, t, d] at
+        z[b * zsb + t * zst + d] (:func:`_flat`: a half of in_proj's output is read in place);
+        At: (d_state, d_inner) = A.T;
         Bm, Cm: (batch, d_state, L); Dv, bias: (d_inner,) (bias zeros without one). Writes out (batch, L, d_inner), last
         (batch, d_state, d_inner) and, with ``save``, dt_save (batch, L, d_inner) = delta after bias
         and softplus, v_save (batch, L, d_inner) = y + D u before the gate (if has_z), and
@@ -357,8 +382,9 @@ if AVAILABLE:
                     if save:
                         for d in range(cols_lo, cols_hi):
                             v_save[b, t, d] = y_row[d]
+                    zrow = np.uint64(b * zsb + t * zst)  # unsigned: see _COLUMNS_NOTE
                     for d in range(cols_lo, cols_hi):
-                        zz = z[b, t, d]
+                        zz = z[zrow + d]
                         out[b, t, d] = y_row[d] * (zz / (one + _expf(-zz, c)))
                 else:
                     for d in range(cols_lo, cols_hi):
@@ -384,7 +410,7 @@ if AVAILABLE:
                     h_buf[i + 1, n, d] = a * h_buf[i, n, d] + (dt * bn) * u[b, t, d]
 
     @_jit()
-    def _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, g_out, gu, gdl, gz, gA_b,
+    def _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, zsb, zst, v_save, g_out, gu, gdl, gz, gA_b,
                        gB_j, gC_j, gD_b, gbias_b, a_buf, h_buf, carry, acc, softplus, has_D,
                        has_bias, has_z, b, d0, d1, s, e, c):
         """The adjoint over steps e-1..s (see the module docstring), channels d0..d1-1, with the
@@ -404,8 +430,9 @@ if AVAILABLE:
         for t in range(e - 1, s - 1, -1):
             i = t - s
             if has_z:  # out = v * silu(z): torch's mul and silu_backward
+                zrow = np.uint64(b * zsb + t * zst)
                 for d in range(cols_lo, cols_hi):
-                    zz = z[b, t, d]
+                    zz = z[zrow + d]
                     ez = _expf(-zz, c)
                     sig = one / (one + ez)
                     gz[b, t, d] = (g_out[b, t, d] * v_save[b, t, d]) * sig * (one + zz * (one - sig))
@@ -452,7 +479,7 @@ if AVAILABLE:
                     gu[b, t, d] = g_u[d]
 
     @_jit()
-    def _backward_items(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, starts, g_out, glast, gu,
+    def _backward_items(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, zsb, zst, v_save, starts, g_out, glast, gu,
                         gdl, gz, gA, gB, gC, gD, gbias, softplus, has_D, has_bias, has_z, T, block,
                         c_arr, lo, hi):
         """Backward of work items lo..hi-1 (numbered as in :func:`_forward_items`).
@@ -495,7 +522,7 @@ if AVAILABLE:
                     for d in range(cols_lo, cols_hi):
                         h_buf[0, n, d] = starts[b, ci, n, d]
                 _recompute_chunk(u, dt_all, At, Bm, a_buf, h_buf, b, d0, d1, s, e, c)
-                _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, v_save, g_out, gu, gdl, gz,
+                _adjoint_chunk(u, dt_all, dl, At, Bm, Cm, Dv, bias, z, zsb, zst, v_save, g_out, gu, gdl, gz,
                                gA[b], gB[j], gC[j], gD[b], gbias[b], a_buf, h_buf, carry, acc,
                                softplus, has_D, has_bias, has_z, b, d0, d1, s, e, c)
 
@@ -573,9 +600,50 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _swapped(t: Tensor) -> Tensor:
+    """t (batch, X, Y), contiguous float32 -> a new contiguous (batch, Y, X), by the tiled kernel."""
+    out = t.new_empty((t.shape[0], t.shape[2], t.shape[1]))
+    _run_items(_transpose_items, t.shape[0], _np(t), _np(out))
+    return out
+
+
 def _time_major(t: Tensor) -> Tensor:
-    """(batch, d_inner, L) -> contiguous (batch, L, d_inner); no copy where the memory already is."""
-    return t.transpose(1, 2).contiguous()
+    """(batch, d_inner, L) -> contiguous (batch, L, d_inner); no copy where the memory already is
+    (Mamba's layout), the tiled kernel where t is contiguous (mamba-ssm's layout), else torch."""
+    tt = t.transpose(1, 2)
+    if tt.is_contiguous():
+        return tt
+    if t.is_contiguous() and t.dtype == torch.float32:
+        return _swapped(t)
+    return tt.contiguous()
+
+
+def _channel_last(t: Tensor) -> Tensor:
+    """(batch, d_inner, L) -> a (batch, L, d_inner) view with unit channel stride, copied only
+    where it has none (a half of in_proj's output, Mamba's z, is read in place via :func:`_flat`)."""
+    tt = t.transpose(1, 2)
+    return tt if tt.stride(-1) == 1 else _time_major(t)
+
+
+def _flat(t: Tensor) -> Tuple[np.ndarray, int, int]:
+    """t (batch, L, C) with unit channel stride, as a flat array over the memory it spans and its
+    batch and time strides (element [b, s, d] at b * sb + s * st + d): the kernels index it as
+    contiguous rows, which vectorise (numba's code for arbitrary strides does not)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    span = (t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) + t.shape[2]
+    return _np(torch.as_strided(t, (span,), (1,), t.storage_offset())), t.stride(0), t.stride(1)
+
+
+def _mamba_layout(t: Tensor) -> bool:
+    """True where t (batch, X, L) is contiguous in mamba-ssm's layout (and not also time-major)."""
+    return t.is_contiguous() and not t.transpose(1, 2).is_contiguous()
+
+
+def _grad_as(g: Tensor, like_mamba_layout: bool) -> Tensor:
+    """The gradient g (batch, L, X) (contiguous) as (batch, X, L): in mamba-ssm's contiguous layout
+    where the input had it (autograd then accumulates it into a leaf without a copy), else a view."""
+    return _swapped(g) if like_mamba_layout else g.transpose(1, 2)
 
 
 class _NumbaScanFn(torch.autograd.Function):
@@ -588,13 +656,14 @@ class _NumbaScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, T):
         save = any(ctx.needs_input_grad)
         ut, dl = _time_major(u), _time_major(delta)
+        ctx.layouts = (_mamba_layout(u), _mamba_layout(delta), z is not None and _mamba_layout(z))
         batch, L, d_inner = ut.shape
         d_state = A.shape[1]
         At, Bc, Cc = A.t().contiguous(), B.contiguous(), C.contiguous()
         dummy = ut.new_zeros((1, 1, 1))
         Dv = D.contiguous() if D is not None else ut.new_zeros(1)
         bias = delta_bias.contiguous() if delta_bias is not None else ut.new_zeros(d_inner)
-        zt = _time_major(z) if z is not None else dummy
+        zt = _channel_last(z) if z is not None else ut.new_zeros((1, 1, 1))
         out = ut.new_empty((batch, L, d_inner))
         last = ut.new_empty((batch, d_state, d_inner))
         starts = ut.new_empty((batch, -(-L // T) if save else 0, d_state, d_inner))
@@ -603,7 +672,7 @@ class _NumbaScanFn(torch.autograd.Function):
         flags = (int(softplus), int(D is not None), int(delta_bias is not None), int(z is not None))
         block = channel_block(batch, d_inner)
         _run_items(_forward_items, batch * (-(-d_inner // block)), _np(ut), _np(dl), _np(At), _np(Bc),
-                   _np(Cc), _np(Dv), _np(bias), _np(zt), _np(out), _np(dt_save), _np(v_save), _np(last),
+                   _np(Cc), _np(Dv), _np(bias), *_flat(zt), _np(out), _np(dt_save), _np(v_save), _np(last),
                    _np(starts), *flags, int(save), T, block, _EXP_CONSTANTS)
         if save:
             ctx.save_for_backward(ut, dt_save, dl, At, Bc, Cc, Dv, bias, zt, v_save, starts)
@@ -630,11 +699,12 @@ class _NumbaScanFn(torch.autograd.Function):
         gD = ut.new_empty((batch, d_inner))
         gbias = ut.new_empty((batch, d_inner))
         _run_items(_backward_items, batch * n_blocks, _np(ut), _np(dt_save), _np(dl), _np(At), _np(Bc),
-                   _np(Cc), _np(Dv), _np(bias), _np(zt), _np(v_save), _np(starts), _np(g_out),
+                   _np(Cc), _np(Dv), _np(bias), *_flat(zt), _np(v_save), _np(starts), _np(g_out),
                    _np(g_last), _np(gu), _np(gdl), _np(gz), _np(gA), _np(gB), _np(gC), _np(gD),
                    _np(gbias), softplus, has_D, has_bias, has_z, ctx.T, block, _EXP_CONSTANTS)
-        return (gu.transpose(1, 2), gdl.transpose(1, 2), gA.sum(0).t(), gB.sum(0), gC.sum(0),
-                gD.sum(0) if has_D else None, gz.transpose(1, 2) if has_z else None,
+        u_layout, delta_layout, z_layout = ctx.layouts
+        return (_grad_as(gu, u_layout), _grad_as(gdl, delta_layout), gA.sum(0).t(), gB.sum(0), gC.sum(0),
+                gD.sum(0) if has_D else None, _grad_as(gz, z_layout) if has_z else None,
                 gbias.sum(0) if has_bias else None, None, None)
 
 
