@@ -49,7 +49,7 @@ CHAPTER_GLOB = "[0-9]*.ipynb"  # chapters are the numbered notebooks; notebooks/
 KERNEL_NAME = "python3"  # resolved to this interpreter, see check_kernel()
 
 # Seconds one notebook may run, wall clock (papermill's own timeout is per cell).
-TIMEOUT = {"ci": 240, "full": 3600}
+TIMEOUT = {"ci": 600, "full": 3600}
 
 # --- 1. vendor ------------------------------------------------------------------------------------
 
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="PATTERN",
                         help="execute only notebooks whose file name contains PATTERN; "
                              "chapters executed earlier stay in book/chapters/ and are built too")
-    parser.add_argument("--timeout", type=float, help="seconds per notebook (default: ci 240, full 3600)")
+    parser.add_argument("--timeout", type=float, help="seconds per notebook (default: ci 600, full 3600)")
     parser.add_argument("--no-execute", action="store_true", help="render book/chapters/ as it is")
     parser.add_argument("--vendor-only", action="store_true", help="only install/copy the JS libraries")
     parser.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")

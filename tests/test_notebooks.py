@@ -2,7 +2,7 @@
 
 Fast checks read the committed files. ``test_executes`` runs each chapter with papermill and the
 CI parameters (``CI = True`` injected after the ``parameters`` cell), within PROT_LIB_NB_TIMEOUT
-seconds (default 240); the executed copies are reused by test_book.py and test_browser.py.
+seconds (default 600); the executed copies are reused by test_book.py and test_browser.py.
 """
 
 import pytest
