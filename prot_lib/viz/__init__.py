@@ -3,6 +3,7 @@
 - ``plots`` (:mod:`prot_lib.viz.plots`): curves per fold with the first non-finite step marked, heatmaps.
 - ``scale_plots`` (:mod:`prot_lib.viz.scale_plots`): one block's scale map and a stack's growth layer by
   layer (the write-up's mechanism).
+- ``notebook`` (:mod:`prot_lib.viz.notebook`): :func:`setup_chapter`, the one call of every chapter's setup cell.
 - ``widgets`` (:mod:`prot_lib.viz.widgets`): the clip-value explorer (needs ipywidgets) and the static
   clip-sweep figure.
 
@@ -10,12 +11,12 @@ Everything is imported on first use, so ``import prot_lib.viz`` needs neither ma
 """
 from importlib import import_module
 
-_SUBMODULES = ("plots", "scale_plots", "widgets")
+_SUBMODULES = ("plots", "scale_plots", "notebook", "widgets")
 _LAZY = {
     "set_style": "plots", "plot_fold_curves": "plots", "plot_loss_and_grad": "plots",
     "plot_clip_norms": "plots", "plot_lr": "plots", "plot_param_grad_heatmap": "plots",
     "plot_outcome_heatmap": "plots", "plot_activation_scales": "plots", "describe_divergence": "plots",
-    "plot_clip_map": "plots", "plot_scale_map": "scale_plots", "plot_layer_growth": "scale_plots",
+    "plot_clip_map": "plots", "plot_scale_map": "scale_plots", "setup_chapter": "notebook", "plot_layer_growth": "scale_plots",
     "clip_explorer": "widgets", "ClipExplorer": "widgets", "clip_sweep": "widgets",
     "plot_clip_run": "widgets", "plot_clip_sweep": "widgets", "describe_clip_run": "widgets",
     "describe_sweep": "widgets", "plot_adam_probe": "widgets", "adam_probe_ratios": "widgets",
