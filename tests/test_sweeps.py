@@ -86,7 +86,7 @@ def test_fix_matrix_reads_the_fates_and_trains_identical_configs_once(tmp_path, 
     none, lower, san, norm = (m.row("dyconex", f) for f in ("none", "lower-lr", "sanitize", "normalize"))
     # (15 steps: one epoch, so one validation) raw Dyconex: NaN input -> NaN loss at the first step, dead weights
     assert none["folds_nonfinite_loss"] == 1 and none["folds_nan_params_end"] == 1 and none["folds_dead"] == 1
-    assert none["first_nonfinite_step"] == 0 and none["n_live_folds"] == 0 and math.isnan(none["mean_val_rmse"])
+    assert none["first_nonfinite_step"] == 0 and none["n_live_folds"] == 0 and math.isnan(none["median_val_rmse"])
     f = m.per_fold.set_index("fix")
     assert lower["same_config_as"] == "none" and f.loc["lower-lr", "cell"] == f.loc["none", "cell"]
     assert f.loc["none", "fate"] == "dead" and f.loc["normalize", "fate"] in ("finite", "blown_up")
@@ -96,6 +96,7 @@ def test_fix_matrix_reads_the_fates_and_trains_identical_configs_once(tmp_path, 
     # the table's ratio is the fold's fate's rmse_ratio, not a second computation
     assert norm["rmse_over_std"] == pytest.approx(f.loc["normalize", "rmse_ratio"])
     assert norm["target_std"] == pytest.approx(f.loc["normalize", "target_std"])
+    assert norm["n_blown_up"] == int(f.loc["normalize", "fate"] == "blown_up") and none["n_blown_up"] == 0
     # the runs behind the rows, fetched on demand (here trained again: no run cache in this test)
     assert m.runs[("dyconex", "lower-lr")] is m.runs[("dyconex", "none")] and len(m.runs) == 4
     assert m.runs[("dyconex", "sanitize")].fold_summary(0)["fate"] == f.loc["sanitize", "fate"]

@@ -28,8 +28,8 @@ __all__ = ["FIX_TABLE_COLUMNS", "FixMatrix", "LazyRuns", "fix_matrix", "fix_tabl
 #: one row per (dataset, fix) in :attr:`FixMatrix.table`
 FIX_TABLE_COLUMNS = [
     "dataset", "fix", "n_folds", "folds_nonfinite_loss", "folds_nonfinite_logged_loss", "folds_nan_params_end",
-    "frac_nan_params_end", "folds_dead", "first_nonfinite_step", "n_live_folds", "mean_val_rmse", "target_std",
-    "rmse_over_std", "same_config_as",
+    "frac_nan_params_end", "folds_dead", "first_nonfinite_step", "n_live_folds", "n_blown_up", "median_val_rmse",
+    "target_std", "rmse_over_std", "same_config_as",
 ]
 
 
@@ -132,11 +132,13 @@ def fix_table(rows: pd.DataFrame) -> pd.DataFrame:
     weight; ``folds_dead``: folds whose fate is "dead" (non-finite weights or validation metrics at the
     end); ``first_nonfinite_step``: the earliest step, within its fold, at which a loss, gradient or
     weight went non-finite (NA: never); ``n_live_folds``: folds with finite weights at the end;
-    ``mean_val_rmse``: mean last validation RMSE (target units) over the live folds that ran a validation
-    epoch (NaN if none: a dead fold's RMSE is left out even when finite, as sanitised predictions make
-    it); ``target_std``: mean over the folds of their validation targets' standard deviation (the RMSE of
-    predicting the mean); ``rmse_over_std``: mean of the fates' ``rmse_ratio`` over those live folds
-    (< 1: better than predicting the mean); ``same_config_as``: an earlier fix of the same dataset
+    ``n_blown_up``: live folds whose fate is "blown_up" (finite weights, validation RMSE at least twice the
+    target std: a near-divergence, :mod:`prot_lib.training.fate`); ``median_val_rmse``: median last
+    validation RMSE (target units) over the live folds that ran a validation epoch (NaN if none: a dead
+    fold's RMSE is left out even when finite, as sanitised predictions make it; a median, because one
+    blown-up fold would dominate a mean); ``target_std``: mean over the folds of their validation targets'
+    standard deviation (the RMSE of predicting the mean); ``rmse_over_std``: median of the fates'
+    ``rmse_ratio`` over those live folds (< 1: better than predicting the mean); ``same_config_as``: an earlier fix of the same dataset
     whose run this is (same cell key), else None.
     """
     table: List[Dict[str, Any]] = []
@@ -147,7 +149,7 @@ def fix_table(rows: pd.DataFrame) -> pd.DataFrame:
         live = f["params_finite_end"]
         scored = live & np.isfinite(f["final_val_rmse"])
         firsts = f["first_nonfinite_step"].dropna()
-        mean_rmse = float(f.loc[scored, "final_val_rmse"].mean()) if scored.any() else math.nan
+        median_rmse = float(f.loc[scored, "final_val_rmse"].median()) if scored.any() else math.nan
         table.append({
             "dataset": dataset, "fix": fix, "n_folds": len(f),
             "folds_nonfinite_loss": int(f["first_nonfinite_loss_step"].notna().sum()),
@@ -155,9 +157,10 @@ def fix_table(rows: pd.DataFrame) -> pd.DataFrame:
             "folds_nan_params_end": int((~live).sum()), "frac_nan_params_end": float((~live).mean()),
             "folds_dead": int((f["fate"] == "dead").sum()),
             "first_nonfinite_step": int(firsts.min()) if len(firsts) else None,
-            "n_live_folds": int(live.sum()), "mean_val_rmse": mean_rmse,
+            "n_live_folds": int(live.sum()), "n_blown_up": int((f["fate"] == "blown_up").sum()),
+            "median_val_rmse": median_rmse,
             "target_std": float(f["target_std"].mean()),
-            "rmse_over_std": float(f.loc[scored, "rmse_ratio"].mean()) if scored.any() else math.nan,
+            "rmse_over_std": float(f.loc[scored, "rmse_ratio"].median()) if scored.any() else math.nan,
             "same_config_as": twin if twin != fix else None,
         })
     t = pd.DataFrame(table, columns=FIX_TABLE_COLUMNS)
