@@ -67,6 +67,12 @@ IDS = [f"{kind}-{ns.split('.')[0]}" for kind, ns in CASES]
 
 
 @pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    # a guard without bundle_dir under a Trainer without a logger writes its bundles to the working directory
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,6 +5,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +49,14 @@ def test_pytest_empty_selection_exits_zero(tmp_path):
                         str(ROOT / "tests" / "test_project.py")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deselected" in r.stdout
+
+
+def test_no_run_artefacts_are_tracked():
+    # repro bundles, checkpoints and run logs are outputs: a test or a run that wrote one into the
+    # repository must not get it committed (the golden reference under data/golden/ is data)
+    root = ROOT
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout (an sdist): nothing is tracked")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    stray = [f for f in tracked if f.endswith((".pt", ".ckpt")) and not f.startswith("data/golden/")]
+    assert stray == [], f"run artefacts tracked by git: {stray}"
