@@ -98,6 +98,19 @@ def test_inf_in_A_log_is_named_with_its_channel_and_state():
     assert "still finite" in r.sentence()
 
 
+def test_autopsy_names_inf_A_log_although_the_forward_is_finite():
+    # replayed before this test: "forward and loss are finite; the first non-finite gradient is that of
+    # parameter `mamba.dt_proj.bias`", a parameter that is fine
+    net = _Net()
+    with torch.no_grad():
+        net.mamba.A_log[3, 2] = float("inf")
+    batch = (torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(2))
+    rep = autopsy(capture_step(net, batch, loss_fn=_mse))
+    assert rep.phase == "backward" and rep.nonfinite_params == ["mamba.A_log"]
+    assert (rep.scan.block, rep.scan.quantity, rep.scan.index) == ("mamba", "A_log", {"channel": 3, "state": 2})
+    assert rep.verdict().startswith("born in `mamba`'s parameter A_log")
+
+
 def test_finite_A_log_whose_exp_overflows_names_A():
     blk = _block()
     with torch.no_grad():

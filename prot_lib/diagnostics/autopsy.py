@@ -140,8 +140,9 @@ class AutopsyReport:
         largest_grad: ``(parameter name, float64 gradient norm)`` of the largest gradient.
         scan: the :class:`~prot_lib.diagnostics.scan_autopsy.ScanAutopsy` of the Mamba block around the
             first non-finite forward value (the block, one of its children, or the module right after
-            it), naming the first non-finite quantity inside its scan with its step t and indices;
-            None when the first non-finite value is elsewhere (or the scan autopsy was off).
+            it), naming the first non-finite quantity inside its scan with its step t and indices; with
+            a finite forward, the first block holding a non-finite functional parameter (A_log, D,
+            dt_proj); None when the first non-finite value is elsewhere (or the scan autopsy was off).
     """
 
     fold: Optional[int]
@@ -202,8 +203,13 @@ class AutopsyReport:
         place inside a Mamba block (a functional parameter or a quantity of its scan), that is the
         sentence, followed by the module where hooks first saw it."""
         row, data = self.row, self.trace.nonfinite_data
-        if self.phase == "forward" and self.scan is not None and self.scan.born_inside:
+        # the scan's finding, unless a module that runs before the scan (in_proj, conv1d, x_proj) gave birth
+        inside = self.scan is not None and self.scan.born_inside
+        if self.phase == "forward" and inside and (not row["born"] or row["name"] == self.scan.block):
             return f"{self.scan.sentence()} (module hooks first see it at `{row['name']}`)"
+        if self.phase == "backward" and self.scan is not None and self.scan.kind == "parameter":
+            what = "parameter" if row["kind"] == "parameter" else "the output of"
+            return f"{self.scan.sentence()}; the first non-finite gradient is that of {what} `{row['name']}`"
         if self.phase == "grad_norm":
             name, g = self.largest_grad or ("?", math.nan)
             return (f"every gradient is finite, but their total L2 norm ({_fmt(self.grad_norm64)} in float64) "

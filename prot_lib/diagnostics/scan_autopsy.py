@@ -215,10 +215,11 @@ def scan_autopsy(block: nn.Module, hidden_states: Tensor, name: str = "block") -
         :class:`ScanAutopsy`: the quantity, kind, t, (batch, channel[, state]) and the magnitudes that fed it;
         ``quantity=None`` when the whole scan is finite. The order of checking is the module docstring's:
         functional parameters, the block's input, then step by step u, B, C, z, delta, exp(delta*A),
-        delta*B*u, h_t, y_t, D*u, y+D*u, silu(z), out. The recurrence is recomputed in float32 in the
-        order of the operations of mamba-ssm's ``selective_scan_ref`` (decay times state, plus (delta*B)*u),
-        so it is non-finite where the scan's kernels are (they follow the same order; see
-        :mod:`prot_lib.models.numba_scan`).
+        delta*B*u, h_t, y_t, D*u, y+D*u, silu(z), out. The recurrence is recomputed in float32 one step
+        at a time, as ``selective_scan_ref``'s loop runs it (h = exp(delta A) h + delta B u, y = C h),
+        with delta*B*u formed as (delta*B)*u, the order :mod:`prot_lib.models.numba_scan` documents for
+        its kernels, so that it is non-finite where the block's own scan is
+        (``tests/test_scan_autopsy.py`` checks the pattern against it).
 
     Raises:
         TypeError: ``block`` is not a :class:`prot_lib.models.Mamba`.
@@ -394,9 +395,14 @@ class ScanInputProbe:
 
     def autopsy(self, trace) -> Optional[ScanAutopsy]:
         """:func:`scan_autopsy` of the block call around the trace's first non-finite forward row
-        (:meth:`block_call`); None when there is none, or when the block's input was modified in
-        place after the block read it (its saved reference no longer holds what the block saw)."""
+        (:meth:`block_call`). When the forward pass is finite, the first block (in execution order)
+        holding a non-finite functional parameter: A_log = +inf gives exp(delta*A) = 0, a finite
+        forward and NaN gradients, which the trace would blame on the first NaN gradient it meets.
+        None when there is neither, or when the block's input was modified in place after the block
+        read it (its saved reference no longer holds what the block saw)."""
         call = self.block_call(trace)
+        if call is None and trace.first_row("forward", ("module", "internal")) is None:
+            call = next((c for c in self.calls if _param_finding(c[2], c[1]) is not None), None)
         if call is None:
             return None
         _, name, block, x, version = call
