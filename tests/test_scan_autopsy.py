@@ -198,6 +198,13 @@ def test_finite_step_and_poisoned_out_proj_leave_the_verdict_alone():
     rep = autopsy(capture_step(net, batch, loss_fn=_mse))
     assert rep.module == "mamba.out_proj" and "own parameters" in rep.verdict()
     assert isinstance(rep.scan, ScanAutopsy) and not rep.scan.found  # its scan is finite: said, not blamed
+    # the module right after a block: the block it read from is opened too, and found finite
+    net = _Net()
+    with torch.no_grad():
+        net.head.weight[0, 0] = float("inf")
+    rep = autopsy(capture_step(net, batch, loss_fn=_mse))
+    assert (rep.module, rep.scan.block, rep.scan.found) == ("head", "mamba", False)
+    assert "own parameters" in rep.verdict()
 
 
 def test_writeup_scale_ci_reproduction_names_the_block_and_the_quantity_inside_its_scan():
