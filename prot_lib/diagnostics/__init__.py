@@ -14,6 +14,9 @@ Nothing here knows the book's Lightning module: every function takes any ``nn.Mo
   and batch of the first bad step, and max |output| of chosen submodules at every step.
 - :func:`capture_scan` (``trace.py``): the arguments and result of one Mamba block's selective scan
   (the one step of the model that is a function, not a module, so hooks do not see it).
+- :func:`scan_autopsy` (``scan_autopsy.py``): the first non-finite quantity inside one Mamba block
+  (a functional parameter, delta, exp(delta*A), delta*B*u, h_t, y_t, D skip, gate), its step t and
+  (batch, channel[, state]); the autopsy runs it on the failing step's replay (``report.scan``).
 - :class:`InjectFault` (``faults.py``): a callback planting inf/NaN in a weight, gradient or Adam state.
 - ``missing.py``: masking missing labels versus ``nan_to_num``.
 
@@ -23,6 +26,7 @@ guard) are Lightning callbacks in :mod:`prot_lib.callbacks`.
 from .autopsy import (AutopsyReport, NonFiniteTrainingError, autopsy, autopsy_bundle, bundle_path, capture_step,
                       load_bundle, save_bundle)
 from .faults import InjectFault
+from .scan_autopsy import ScanAutopsy, ScanInputProbe, scan_autopsy
 from .grads import GradNorms, grad_norms, total_grad_norm
 from .snapshot import NonfiniteSnapshot, ScaleRecorder, clone_batch, params_all_finite
 from .trace import TRACE_COLUMNS, TraceRecorder, TraceReport, capture_scan, tensor_stats, trace_nonfinite, trace_step
@@ -31,5 +35,6 @@ __all__ = [
     "trace_nonfinite", "trace_step", "TraceReport", "TraceRecorder", "TRACE_COLUMNS", "tensor_stats",
     "capture_scan", "NonfiniteSnapshot", "ScaleRecorder", "clone_batch", "params_all_finite", "autopsy",
     "autopsy_bundle", "capture_step", "AutopsyReport", "NonFiniteTrainingError", "save_bundle", "load_bundle",
-    "bundle_path", "InjectFault", "GradNorms", "grad_norms", "total_grad_norm",
+    "bundle_path", "InjectFault", "GradNorms", "grad_norms", "total_grad_norm", "scan_autopsy", "ScanAutopsy",
+    "ScanInputProbe",
 ]

@@ -23,9 +23,18 @@ prints the same report the training run printed (same weights, same batch, same 
 on CPU). The bundle is a pickle (``torch.load(weights_only=False)``): open only bundles you trust, as
 with any Lightning checkpoint.
 
-Inside a module (issue 9 sec. 3): :func:`autopsy` accepts *probes* (:class:`prot_lib.diagnostics.TraceRecorder`),
-entered around the replay only, so finite steps never pay for them; :data:`DEFAULT_PROBES` is where
-a probe of the S6 scan's internal quantities plugs in.
+Inside the S6 scan (issue 9 sec. 3): the scan is a function, not a module, and ``A_log``, ``D`` and
+``dt_proj`` are used functionally, so module hooks blame a NaN born there on the next module
+("``...out_proj`` received non-finite inputs"). During the replay a forward pre-hook keeps every
+:class:`prot_lib.models.Mamba` block's input (:class:`prot_lib.diagnostics.scan_autopsy.ScanInputProbe`);
+when the first non-finite forward value is in a block (the block, or its ``in_proj``/``conv1d``/
+``x_proj``/``out_proj``) or in the module right after one, :func:`prot_lib.diagnostics.scan_autopsy`
+recomputes that block's scan step by step and the report's :attr:`AutopsyReport.scan` names the
+quantity (a functional parameter, delta, exp(delta*A), delta*B*u, h_t, y_t, the D skip, the gate),
+the step t and (batch, channel[, state]). ``phase`` and ``module`` still name what the hooks saw;
+``verdict()`` names the birth place inside the scan. Only failing steps are replayed, so finite steps
+never pay for any of it. :func:`autopsy` also accepts further *probes*
+(:class:`prot_lib.diagnostics.TraceRecorder`), entered around the replay only.
 
 How this compares with the usual tools:
 
@@ -56,6 +65,7 @@ from torch import nn
 from ..utils.io import atomic_torch_save
 from .grads import norms_of_grads
 from .snapshot import clone_batch
+from .scan_autopsy import ScanAutopsy, ScanInputProbe
 from .trace import Probe, TraceReport, trace_step
 
 #: version of the bundle layout written by :func:`save_bundle` (1: prot_lib 0.1's NaNStudyModule-only bundles)
@@ -63,7 +73,8 @@ BUNDLE_FORMAT = 2
 PHASES = ("forward", "loss", "backward", "grad_norm", "none")
 #: float32's largest finite value: a total gradient norm above sqrt of it overflows when squared
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-#: probes entered around every replay when :func:`autopsy` is given none (empty: the hook point)
+#: probes entered around every replay when :func:`autopsy` is given none (empty: the hook point; the
+#: scan autopsy's own probe is added by ``autopsy(scan=True)``, not listed here)
 DEFAULT_PROBES: List[Probe] = []
 
 
@@ -127,6 +138,11 @@ class AutopsyReport:
             if every gradient is finite.
         grad_norm64: the same norm computed in float64 (finite wherever the gradients are).
         largest_grad: ``(parameter name, float64 gradient norm)`` of the largest gradient.
+        scan: the :class:`~prot_lib.diagnostics.scan_autopsy.ScanAutopsy` of the Mamba block around the
+            first non-finite forward value (the block, one of its children, or the module right after
+            it), naming the first non-finite quantity inside its scan with its step t and indices; with
+            a finite forward, the first block holding a non-finite functional parameter (A_log, D,
+            dt_proj); None when the first non-finite value is elsewhere (or the scan autopsy was off).
     """
 
     fold: Optional[int]
@@ -139,6 +155,7 @@ class AutopsyReport:
     grad_norm32: Optional[float] = None
     grad_norm64: Optional[float] = None
     largest_grad: Optional[Tuple[str, float]] = None
+    scan: Optional[ScanAutopsy] = None
 
     # ------------------------------------------------------------------ the finding
     @property
@@ -182,8 +199,17 @@ class AutopsyReport:
         return self.phase != "none"
 
     def verdict(self) -> str:
-        """One sentence: where the non-finite value came from."""
+        """One sentence: where the non-finite value came from. When the scan autopsy found the birth
+        place inside a Mamba block (a functional parameter or a quantity of its scan), that is the
+        sentence, followed by the module where hooks first saw it."""
         row, data = self.row, self.trace.nonfinite_data
+        # the scan's finding, unless a module that runs before the scan (in_proj, conv1d, x_proj) gave birth
+        inside = self.scan is not None and self.scan.born_inside
+        if self.phase == "forward" and inside and (not row["born"] or row["name"] == self.scan.block):
+            return f"{self.scan.sentence()} (module hooks first see it at `{row['name']}`)"
+        if self.phase == "backward" and self.scan is not None and self.scan.kind == "parameter":
+            what = "parameter" if row["kind"] == "parameter" else "the output of"
+            return f"{self.scan.sentence()}; the first non-finite gradient is that of {what} `{row['name']}`"
         if self.phase == "grad_norm":
             name, g = self.largest_grad or ("?", math.nan)
             return (f"every gradient is finite, but their total L2 norm ({_fmt(self.grad_norm64)} in float64) "
@@ -222,7 +248,8 @@ class AutopsyReport:
                 "phase": self.phase, "module": self.module, "type": None if row is None else str(row["type"]),
                 **stats, "nonfinite_params": list(self.nonfinite_params), "verdict": self.verdict(),
                 "loss": _json_float(self.trace.loss), "grad_norm32": _json_float(self.grad_norm32),
-                "grad_norm64": _json_float(self.grad_norm64)}
+                "grad_norm64": _json_float(self.grad_norm64),
+                "scan": None if self.scan is None else self.scan.summary()}
 
     # ------------------------------------------------------------------ words
     def __str__(self) -> str:
@@ -248,6 +275,8 @@ class AutopsyReport:
                 lines.append(f"  gradient: max |g| {_fmt(row['max_abs_out'])}, "
                              f"{int(row['nonfinite_out'])} of {int(row['numel'])} non-finite")
         lines.append(f"  verdict: {self.verdict()}")
+        if self.scan is not None:
+            lines.append(f"  inside the scan: {self.scan}")
         bad = self.nonfinite_params
         if self.grad_norm64 is not None:
             name, g = self.largest_grad or ("?", math.nan)
@@ -381,7 +410,7 @@ def capture_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable[[nn.Mo
 # ---------------------------------------------------------------------------------- replay
 
 def autopsy(snapshot: Dict[str, Any], model: Optional[nn.Module] = None,
-            probes: Optional[Sequence[Probe]] = None) -> AutopsyReport:
+            probes: Optional[Sequence[Probe]] = None, scan: bool = True) -> AutopsyReport:
     """Replay the snapshot's step with hooks everywhere and say where the first non-finite value appeared.
 
     Args:
@@ -390,6 +419,10 @@ def autopsy(snapshot: Dict[str, Any], model: Optional[nn.Module] = None,
             could keep neither the constructor arguments nor a pickle of the model); its weights are
             replaced by the snapshot's.
         probes: entered around the replay (default :data:`DEFAULT_PROBES`).
+        scan: look inside the Mamba block around the first non-finite forward value
+            (:class:`~prot_lib.diagnostics.scan_autopsy.ScanInputProbe`; its result is ``report.scan``).
+            Costs one forward pre-hook per block during the replay, and one more forward of that block
+            plus its scan recomputed up to the failing step when there is such a block.
 
     Returns:
         :class:`AutopsyReport`.
@@ -413,12 +446,15 @@ def autopsy(snapshot: Dict[str, Any], model: Optional[nn.Module] = None,
     meta = snapshot.get("meta", {})
     with torch.random.fork_rng(devices=[]):
         model.train()
-        trace = trace_step(model, loss_fn, batch, root=root, probes=DEFAULT_PROBES if probes is None else probes)
+        scan_probe = ScanInputProbe(root) if scan else None
+        all_probes = list(DEFAULT_PROBES if probes is None else probes) + ([scan_probe] if scan_probe else [])
+        trace = trace_step(model, loss_fn, batch, root=root, probes=all_probes)
+        scan_report = scan_probe.autopsy(trace) if scan_probe is not None else None
         norm32, norm64, largest = _gradient_norms(model, root, loss_fn, batch)
     return AutopsyReport(fold=meta.get("fold"), step=meta.get("step"), epoch=meta.get("epoch"),
                          reasons=list(meta.get("reasons", [])), trace=trace,
                          nonfinite_params=_nonfinite_params(model.state_dict()), seed=meta.get("seed"),
-                         grad_norm32=norm32, grad_norm64=norm64, largest_grad=largest)
+                         grad_norm32=norm32, grad_norm64=norm64, largest_grad=largest, scan=scan_report)
 
 
 def _gradient_norms(model: nn.Module, root: Optional[str], loss_fn, batch
