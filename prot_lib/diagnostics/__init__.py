@@ -19,6 +19,8 @@ Nothing here knows the book's Lightning module: every function takes any ``nn.Mo
   (batch, channel[, state]); the autopsy runs it on the failing step's replay (``report.scan``).
 - :class:`InjectFault` (``faults.py``): a callback planting inf/NaN in a weight, gradient or Adam state.
 - ``missing.py``: masking missing labels versus ``nan_to_num``.
+- ``scan_state.py``: the scan's memory 1 / (1 - exp(delta * A)) and what sequence length does to a
+  block's scale (:func:`effective_memory`, :func:`state_growth_by_length`, :func:`fixed_point_by_length`).
 
 The safety nets built on these (guard, gradient monitor, adaptive clipping, finite checkpoints, data
 guard) are Lightning callbacks in :mod:`prot_lib.callbacks`.
@@ -28,6 +30,9 @@ from .autopsy import (AutopsyReport, NonFiniteTrainingError, autopsy, autopsy_bu
 from .faults import InjectFault
 from .scan_autopsy import ScanAutopsy, ScanInputProbe, scan_autopsy
 from .grads import GradNorms, grad_norms, total_grad_norm
+from .scan_state import (accumulated_terms, effective_memory, fixed_point_by_length, init_step_sizes,
+                         overflow_scale_by_length, scan_memory_table, stack_overflow_by_length, stack_summary,
+                         state_growth_by_length)
 from .snapshot import NonfiniteSnapshot, ScaleRecorder, clone_batch, params_all_finite
 from .trace import TRACE_COLUMNS, TraceRecorder, TraceReport, capture_scan, tensor_stats, trace_nonfinite, trace_step
 
@@ -36,5 +41,7 @@ __all__ = [
     "capture_scan", "NonfiniteSnapshot", "ScaleRecorder", "clone_batch", "params_all_finite", "autopsy",
     "autopsy_bundle", "capture_step", "AutopsyReport", "NonFiniteTrainingError", "save_bundle", "load_bundle",
     "bundle_path", "InjectFault", "GradNorms", "grad_norms", "total_grad_norm", "scan_autopsy", "ScanAutopsy",
-    "ScanInputProbe",
+    "ScanInputProbe", "effective_memory", "accumulated_terms", "init_step_sizes", "scan_memory_table",
+    "state_growth_by_length", "fixed_point_by_length", "stack_overflow_by_length", "overflow_scale_by_length",
+    "stack_summary",
 ]
