@@ -147,6 +147,7 @@ def test_static_explorer_switches_precomputed_figures(site, built_book, tmp_path
     slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="clip value")).first
     readout = slider.locator(".widget-readout")
     value_before, outcome_before = readout.inner_text(), _outcome(page)
+    raw_before = page.locator(".explorer-outcome").first.text_content()
     figure_before = page.evaluate(SHOWN_FIGURE_JS)
     assert value_before == "1" and "clip 1" in outcome_before, (value_before, outcome_before)
     save_screenshot(page, tmp_path, "static-explorer-before")
@@ -161,7 +162,7 @@ def test_static_explorer_switches_precomputed_figures(site, built_book, tmp_path
     assert readout.inner_text() == "0.2", readout.inner_text()
     page.wait_for_function("(before) => { const e = document.querySelector('.explorer-outcome');"
                            " return e !== null && e.textContent !== before; }",
-                           arg=page.locator(".explorer-outcome").first.text_content(), timeout=10_000)
+                           arg=raw_before, timeout=10_000)
     page.wait_for_function(SHOWN_FIGURE_JS, timeout=10_000)
     outcome_after, figure_after = _outcome(page), page.evaluate(SHOWN_FIGURE_JS)
     save_screenshot(page, tmp_path, "static-explorer-after")

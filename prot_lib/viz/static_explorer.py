@@ -15,10 +15,15 @@ level is the subtree of the grid point nearest to position ``i`` of that control
 in log10 distance). Children are *references*: positions that share a grid point share one widget, so
 each figure (a ``widgets.Image`` holding PNG bytes) is stored once in the page.
 
+- Why selection widgets: a link copies a value as it is, and a Stack's ``selected_index`` must be an
+  integer. The former ``FloatLogSlider`` (a float) and "off" ``Checkbox`` (a bool) cannot select a
+  child without code in between; a ``SelectionSlider`` at the same kind of log positions looks and
+  behaves the same, and its ``index`` can.
 - It needs no JavaScript of ours: ``DirectionalLinkModel`` and ``StackModel`` are part of
   ``@jupyter-widgets/controls`` 5, which the vendored ``@jupyter-widgets/html-manager`` (``embed-amd.js``)
   bundles; the links run in the browser from the embedded widget state, and a page without a kernel
-  needs nothing else. An anywidget would need its ES module and the anywidget runtime shipped with the
+  needs nothing else (``tests/test_browser.py::test_static_explorer_switches_precomputed_figures``
+  moves the slider in Chromium, offline, on the built chapter). An anywidget would need its ES module and the anywidget runtime shipped with the
   book and loaded by the html-manager (a third-party module: another vendored file per release).
 - The figures are the same matplotlib/seaborn PNGs the live explorer draws
   (:func:`prot_lib.viz.widgets.render_clip_run`), so the static page keeps the book's look.
@@ -257,7 +262,7 @@ def precomputed_view(grid: ExplorerGrid, *, model: widgets.Dropdown, dataset: wi
         dataset_children.append(_stack(lr_children, lr_slider, links))
     model_children = [_stack(dataset_children, dataset, links) if topo == grid.topology
                       else placeholder(f"model {label!r}") for label, topo in _pairs(model)]
-    note = widgets.HTML(value=f"<span class='explorer-grid-note'>&#9432; {GRID_NOTE} "
+    note = widgets.HTML(value=f"<span class='explorer-grid-note'><b>{GRID_NOTE}</b> "
                               f"({len(grid)} runs of {grid.max_steps} optimizer steps, fold {grid.fold}, "
                               f"seed {grid.seed}; lr and clip value snap to the nearest grid point)</span>")
     return widgets.VBox([note, _stack(model_children, model, links)]), links

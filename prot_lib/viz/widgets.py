@@ -339,7 +339,9 @@ class ClipExplorer(widgets.VBox):
             options=[(f"{v:g}", v) for v in clip_pos], value=nearest_log(clip_value, clip_pos),
             description="clip value", **slider)
         self.off_toggle = widgets.ToggleButtons(options=[("clip", False), ("off", True)], value=not clip_on,
-                                                description="clipping", style={"button_width": "48px"})
+                                                description="clipping",
+                                                style={"button_width": "44px", "description_width": "initial"},
+                                                layout=widgets.Layout(width="auto"))
         self.lr_slider = widgets.SelectionSlider(
             options=[(f"{v:.2g}", v) for v in lr_pos], value=nearest_log(lr, lr_pos),
             description="learning rate", **slider)
