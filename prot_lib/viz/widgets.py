@@ -283,10 +283,13 @@ def explorer_grid(datasets: Sequence[str] = ("ishigami",),
             if not lr > 0:
                 raise ValueError(f"explorer_grid: lr must be positive, got {lr!r} for {ds!r}")
             for clip in (clip_values[ds] if isinstance(clip_values, Mapping) else clip_values):
-                res = quick_train(ds, float(lr), clip or None, max_steps=max_steps, seed=seed, fold=fold,
+                # the key's values (12 significant digits) are the ones the explorer's sliders hold:
+                # 0.02 * 2.5 trains as 0.05, the same run (and cache entry) as the slider's 0.05
+                key = grid_key(ds, lr, clip)
+                res = quick_train(ds, key[1], key[2], max_steps=max_steps, seed=seed, fold=fold,
                                   overrides=topology_overrides(topology))
-                png, finding = render_clip_run(res, ds, topology, float(lr), clip or None, fold)
-                points[grid_key(ds, lr, clip)] = GridPoint(png=png, outcome=finding)
+                png, finding = render_clip_run(res, ds, topology, key[1], key[2], fold)
+                points[key] = GridPoint(png=png, outcome=finding)
     return ExplorerGrid(topology=topology, max_steps=int(max_steps), seed=int(seed), fold=int(fold), points=points)
 
 
