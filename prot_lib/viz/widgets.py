@@ -344,7 +344,7 @@ class ClipExplorer(widgets.VBox):
         self.off_toggle = widgets.ToggleButtons(options=[("clip", False), ("off", True)], value=not clip_on,
                                                 description="clipping",
                                                 style={"button_width": "44px", "description_width": "initial"},
-                                                layout=widgets.Layout(width="auto"))
+                                                layout=widgets.Layout(width="230px"))
         self.lr_slider = widgets.SelectionSlider(
             options=[(f"{v:.2g}", v) for v in lr_pos], value=nearest_log(lr, lr_pos),
             description="learning rate", **slider)
