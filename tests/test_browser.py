@@ -4,6 +4,9 @@ Static: the built book (CI mode, tests/nbutils.py::built_book) is served on 127.
 elsewhere is aborted and recorded. Every page must load without one, MathJax must typeset the
 equations and the stored widgets must render.
 
+Static explorer: on the clip-value explorer's chapter, moving the clip slider with the keyboard (no
+kernel) must switch to another precomputed figure and outcome line (prot_lib.viz.static_explorer).
+
 Live: Voila runs ``notebooks/widgets/clip_explorer.ipynb`` on 127.0.0.1 with a kernel; moving the
 ``gradient_clip_val`` slider must retrain and redraw the plot.
 
@@ -108,6 +111,69 @@ def test_stored_widgets_render(site, built_book, tmp_path):
         save_screenshot(page, tmp_path, f"widgets-{stem}")
         assert not problems, f"{stem}: {problems}"
         page.close()
+
+
+GRID_NOTE = "precomputed grid; run the notebook for any value"  # prot_lib.viz.static_explorer.GRID_NOTE
+# the figure the precomputed view shows: its Image widget's blob, read back as bytes (length + hash)
+SHOWN_FIGURE_JS = """async () => {
+    const imgs = Array.from(document.querySelectorAll('.widget-vbox img.widget-image'));
+    if (imgs.length !== 1 || !imgs[0].complete || imgs[0].naturalWidth === 0) return null;
+    const bytes = new Uint8Array(await (await fetch(imgs[0].src)).arrayBuffer());
+    let h = 0;
+    for (const b of bytes) h = (Math.imul(h, 31) + b) >>> 0;
+    return {src: imgs[0].src, n: bytes.length, hash: h, width: imgs[0].naturalWidth};
+}"""
+
+
+def _outcome(page) -> str:
+    texts = page.locator(".explorer-outcome").all_inner_texts()
+    assert len(texts) == 1, f"expected one visible outcome line, found {texts}"
+    return texts[0]
+
+
+def test_static_explorer_switches_precomputed_figures(site, built_book, tmp_path):
+    """No kernel: two ArrowLeft presses move the clip slider from 1 to 0.2 (positions 1, 0.5, 0.2), whose
+    nearest grid point is clip 0.1; the outcome line and the figure (other bytes) must change, the note
+    must show, and nothing may fail or leave 127.0.0.1 on the way."""
+    stems = [p.stem for p in sorted(built_book.executed.glob("*.ipynb"))
+             if calls_clip_explorer(read_notebook(p))]
+    assert stems, "no chapter calls clip_explorer("
+    log = site[2]
+    first = len(log.problems())
+    page, _ = visit(site, f"chapters/{stems[0]}.html")
+    page.wait_for_selector(".widget-slider", timeout=PAGE_TIMEOUT_MS)
+    page.get_by_text(GRID_NOTE).first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function(SHOWN_FIGURE_JS, timeout=PAGE_TIMEOUT_MS)
+    slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="clip value")).first
+    readout = slider.locator(".widget-readout")
+    value_before, outcome_before = readout.inner_text(), _outcome(page)
+    raw_before = page.locator(".explorer-outcome").first.text_content()
+    figure_before = page.evaluate(SHOWN_FIGURE_JS)
+    assert value_before == "1" and "clip 1" in outcome_before, (value_before, outcome_before)
+    save_screenshot(page, tmp_path, "static-explorer-before")
+
+    handle = slider.locator(".noUi-handle")
+    handle.focus()
+    for _ in range(2):  # 1 -> 0.5 -> 0.2, one position per press
+        shown = readout.inner_text()
+        handle.press("ArrowLeft")
+        page.wait_for_function("([el, v]) => el.textContent.trim() !== v",
+                               arg=[readout.element_handle(), shown], timeout=10_000)
+    assert readout.inner_text() == "0.2", readout.inner_text()
+    page.wait_for_function("(before) => { const e = document.querySelector('.explorer-outcome');"
+                           " return e !== null && e.textContent !== before; }",
+                           arg=raw_before, timeout=10_000)
+    page.wait_for_function(SHOWN_FIGURE_JS, timeout=10_000)
+    outcome_after, figure_after = _outcome(page), page.evaluate(SHOWN_FIGURE_JS)
+    save_screenshot(page, tmp_path, "static-explorer-after")
+    assert "clip 0.1" in outcome_after and outcome_after != outcome_before, outcome_after
+    assert figure_after["src"] != figure_before["src"]
+    assert (figure_after["n"], figure_after["hash"]) != (figure_before["n"], figure_before["hash"])
+    assert page.get_by_text(GRID_NOTE).first.is_visible()
+    assert "ClipExplorer(" not in page.inner_text("body"), "a widget repr leaked into the page"
+    problems = log.problems()[first:]
+    assert not problems, problems
+    print(f"clip {value_before} -> {readout.inner_text()}: {outcome_before!r} -> {outcome_after!r}")
 
 
 # --- live: the clip explorer on a kernel --------------------------------------------------------------
