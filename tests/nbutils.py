@@ -42,7 +42,7 @@ CI_TIMEOUT = float(os.environ.get("PROT_LIB_NB_TIMEOUT", "600"))
 WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
 LIVE_WIDGET_NOTEBOOK = NOTEBOOKS / "widgets" / "clip_explorer.ipynb"
 
-# The chapter skeleton (../shared/STYLE.md): What you will learn, The failure, Why it happens,
+# The chapter skeleton (the project's STYLE.md, docs/CHAPTER_GUIDE.md): What you will learn, The failure, Why it happens,
 # The fix, Evidence and limits, Summary. Every chapter must have at least these, in this order.
 REQUIRED_HEADINGS = ("What you will learn", "Summary")
 

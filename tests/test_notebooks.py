@@ -65,7 +65,7 @@ def test_follows_chapter_skeleton(path):
     missing = missing_headings(read_notebook(path))
     assert not missing, (
         f"{path.name}: missing headings {missing}; every chapter has, in this order: "
-        f"{' ... '.join(REQUIRED_HEADINGS)} (see ../shared/STYLE.md)"
+        f"{' ... '.join(REQUIRED_HEADINGS)} (see docs/CHAPTER_GUIDE.md)"
     )
 
 
