@@ -9,6 +9,18 @@ import pytest
 GOLDEN_NAME = "mamba_ssm_2.3.2.post1_reference.pt"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): runs that compare numbers or fates stay on one
+    summation order. Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden_path() -> Path:
     """Path of mamba-ssm's reference outputs: $PROT_LIB_GOLDEN, else the copy shipped in the repository

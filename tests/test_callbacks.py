@@ -73,12 +73,13 @@ def ns(request):
     return request.param
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _in_tmp(tmp_path, monkeypatch):
+    # a guard without bundle_dir under a Trainer without a logger writes its bundles to the working directory
+    monkeypatch.chdir(tmp_path)
 
 
 def data(n=N, seed=0):
