@@ -14,8 +14,10 @@ Above ``training`` (which trains one k-fold run and says each fold's fate) and b
   chapters 9 and 10, chapter 4's clip sweep, and the tables reading them), ``seeds.py`` (seed rates);
 - ``quick.py``: one short training in this process (the clip explorer, chapter 4's Adam probe);
 - ``recommended.py``: the configuration chapter 9 recommends (``prot_lib/configs/recommended/``);
+  ``ablation.py``: that configuration against each of its parts alone and left out;
 - ``runtime.py``: how a worker is set up (one thread, Lightning quiet).
 """
+from .ablation import ablation_configs, ablation_sweep, ablation_table
 from .cells import (CLIP_SETTINGS, ROW_COLUMNS, Cell, cell_config, clip_settings, fold_rows, grid_cells,
                     setting_label, setting_overrides)
 from .engine import ENGINES, CellStore, run_cells
@@ -30,6 +32,7 @@ from .stability import (clip_sweep, clip_sweep_table, describe_stability, edge_t
 from .sweeps import SweepResult, run_sweep
 
 __all__ = [
+    "ablation_configs", "ablation_sweep", "ablation_table",
     "CLIP_SETTINGS", "ROW_COLUMNS", "Cell", "cell_config", "clip_settings", "fold_rows", "grid_cells", "setting_label",
     "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
     "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",

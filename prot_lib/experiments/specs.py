@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..data import DATASETS
 from ..training.config import CONFIG_DIR, FIXES, ConfigError, deep_merge, load_config
+from .ablation import ablation_cells
 from .cells import Cell, grid_cells, setting_overrides
 
 __all__ = ["SPEC_DIR", "KINDS", "SweepSpec", "BaseEntry", "sweep_names", "load_spec", "spec_cells", "parse_seeds"]
@@ -38,7 +39,7 @@ __all__ = ["SPEC_DIR", "KINDS", "SweepSpec", "BaseEntry", "sweep_names", "load_s
 #: where the shipped sweep specs live
 SPEC_DIR = CONFIG_DIR / "sweeps"
 #: the analyses a spec can ask for (:mod:`prot_lib.experiments.sweeps`)
-KINDS = ("fix-matrix", "stability-map", "clip-sweep", "seed-rates")
+KINDS = ("fix-matrix", "stability-map", "clip-sweep", "seed-rates", "ablation")
 
 
 def parse_seeds(value: Union[str, int, List[Any], None]) -> List[Optional[int]]:
@@ -125,7 +126,7 @@ class SweepSpec(_Strict):
     """A validated sweep spec (see the module docstring for the keys)."""
 
     name: str
-    kind: Literal["fix-matrix", "stability-map", "clip-sweep", "seed-rates"]
+    kind: Literal["fix-matrix", "stability-map", "clip-sweep", "seed-rates", "ablation"]
     description: str = ""
     bases: Dict[str, BaseEntry]
     fixes: List[Optional[str]] = [None]
@@ -137,6 +138,9 @@ class SweepSpec(_Strict):
     max_steps: int = -1
     extend_epochs: bool = False
     overrides: Dict[str, Any] = {}
+    parts: Optional[List[str]] = None              # ablation: the parts (default: all the recommendation sets)
+    extra: Dict[str, Dict[str, Any]] = {}         # ablation: label -> overrides (``from: recommended`` allowed)
+    variants: Optional[List[str]] = None           # ablation: the labels to run (default: all)
     quick: Dict[str, Any] = {}
 
     @field_validator("seeds", mode="before")
@@ -199,6 +203,13 @@ def spec_cells(spec: SweepSpec) -> List[Cell]:
     Raises:
         ConfigError: a base's config file is missing or invalid, or an override is bad.
     """
+    if spec.kind == "ablation":  # variants derived from the recommendation, per dataset base
+        cells: List[Cell] = []
+        for label, entry in spec.bases.items():
+            cells += ablation_cells(entry.dataset or label, entry.seeds or spec.seeds,
+                                    entry.folds if entry.folds is not None else spec.folds, spec.parts, spec.extra,
+                                    spec.variants, spec.max_steps if entry.max_steps is None else entry.max_steps)
+        return cells
     bases: Dict[str, Dict[str, Any]] = {}
     for label, entry in spec.bases.items():
         d = entry.model_dump(exclude_unset=True)

@@ -13,6 +13,7 @@ kind               tables (:attr:`SweepResult.tables`)
 ``clip-sweep``     ``clip_sweep`` (:func:`~prot_lib.experiments.stability.clip_sweep_table`)
 ``seed-rates``     ``per_seed``, and the rates in :attr:`SweepResult.findings`
                    (:func:`~prot_lib.experiments.seeds.seed_rates`)
+``ablation``       ``ablation`` (:func:`~prot_lib.experiments.ablation.ablation_table`, per dataset)
 =================  =========================================================================
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pandas as pd
 
 from ..training import run_cache
 from ..utils.io import atomic_write_text
+from .ablation import ablation_table
 from .engine import run_cells
 from .fix_matrix import fix_table
 from .seeds import seed_rates
@@ -114,6 +116,9 @@ def analyse(spec: SweepSpec, rows: pd.DataFrame) -> tuple:
             rates[f"{ds}/{fix}"] = r
         tables["per_seed"] = pd.concat(per_seed, ignore_index=True).set_index(["dataset", "fix", "seed"])
         findings["rates"] = rates
+    elif spec.kind == "ablation":
+        tables["ablation"] = pd.concat({ds: ablation_table(g) for ds, g in rows.groupby("dataset", sort=False)},
+                                       names=["dataset"])
     return tables, findings
 
 
