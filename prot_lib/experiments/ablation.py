@@ -161,7 +161,8 @@ def _median(values: Iterable[float]) -> float:
 
 
 def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per variant (rows of :func:`ablation_sweep`, in their order): the folds' fates and medians.
+    """Per variant (rows of :func:`ablation_sweep`, or a CSV of them, in their order): the folds' fates and
+    medians.
 
     Columns: ``lr`` (AdamW, per optimizer step); ``n_folds`` (folds x seeds run); ``nonfinite`` (folds with
     a non-finite loss, gradient or weight at some step); ``dead`` (ending with a non-finite weight or
@@ -173,7 +174,8 @@ def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
     Units: RMSE ratios are dimensionless (1.0 = the mean predictor).
     """
     out: List[Dict[str, Any]] = []
-    for variant, g in rows.groupby("fix", sort=False):  # one dataset per table
+    key = "variant" if "variant" in rows else "fix"  # a shipped CSV keeps only ``variant``
+    for variant, g in rows.groupby(key, sort=False):  # one dataset per table
         dead = g["fate"] == "dead"
         blown = g["fate"] == "blown_up"
         live = ~dead & ~blown & g["rmse_ratio"].notna()
