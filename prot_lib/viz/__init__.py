@@ -4,6 +4,7 @@
 - ``scale_plots`` (:mod:`prot_lib.viz.scale_plots`): one block's scale map and a stack's growth layer by
   layer (the write-up's mechanism).
 - ``notebook`` (:mod:`prot_lib.viz.notebook`): :func:`setup_chapter`, the one call of every chapter's setup cell.
+- ``tables`` (:mod:`prot_lib.viz.tables`): a run's folds and a set of variants as tables with named columns.
 - ``widgets`` (:mod:`prot_lib.viz.widgets`): the clip-value explorer (needs ipywidgets) and the static
   clip-sweep figure.
 
@@ -11,7 +12,7 @@ Everything is imported on first use, so ``import prot_lib.viz`` needs neither ma
 """
 from importlib import import_module
 
-_SUBMODULES = ("plots", "scale_plots", "notebook", "widgets")
+_SUBMODULES = ("plots", "scale_plots", "notebook", "tables", "widgets")
 _LAZY = {
     "set_style": "plots", "plot_fold_curves": "plots", "plot_loss_and_grad": "plots",
     "plot_clip_norms": "plots", "plot_lr": "plots", "plot_param_grad_heatmap": "plots",
@@ -20,6 +21,7 @@ _LAZY = {
     "clip_explorer": "widgets", "ClipExplorer": "widgets", "clip_sweep": "widgets",
     "plot_clip_run": "widgets", "plot_clip_sweep": "widgets", "describe_clip_run": "widgets",
     "describe_sweep": "widgets", "plot_adam_probe": "widgets", "adam_probe_ratios": "widgets",
+    "fold_table": "tables", "outcome_table": "tables",
 }
 
 
