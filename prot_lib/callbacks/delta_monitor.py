@@ -56,7 +56,8 @@ class DeltaMonitor(Callback):
 
     Args:
         every_n_steps: log on steps with ``global_step % every_n_steps == 0`` (the forward of that step,
-            before its optimizer update; step 0 is the initialisation).
+            before its optimizer update; step 0 is the initialisation; with gradient accumulation, the
+            step's first batch).
         max_samples: rows of the training batch measured (the first ones), to bound the cost.
         log: log through ``pl_module.log_dict`` (``on_step=True``), as ``delta_median/<block>``,
             ``delta_max/<block>``, ``delta_bias_median/<block>``, ``delta_bias_max/<block>`` (``<block>``:
@@ -91,7 +92,7 @@ class DeltaMonitor(Callback):
         self._blocks: Dict[str, Mamba] = {}
         self._handles: list = []
         self._pending: List[Dict[str, object]] = []
-        self._step = 0
+        self._step, self._last_step = 0, -1
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str, block: Mamba):
@@ -112,6 +113,7 @@ class DeltaMonitor(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._last_step = -1
         self._blocks = {name: m for name, m in pl_module.named_modules() if isinstance(m, Mamba)}
         if not self._blocks:
             raise RuntimeError(f"DeltaMonitor: {type(pl_module).__name__} holds no prot_lib.models.Mamba block")
@@ -119,9 +121,11 @@ class DeltaMonitor(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._remove()  # a forward that raised last step may have left them
         self._pending = []
-        if trainer.global_step % self.every_n_steps:
+        step = int(trainer.global_step)
+        # with gradient accumulation several batches share a step: measure its first batch only
+        if step % self.every_n_steps or step == self._last_step:
             return
-        self._step = int(trainer.global_step)
+        self._step = self._last_step = step
         self._handles = [b.x_proj.register_forward_hook(self._hook(name, b)) for name, b in self._blocks.items()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
