@@ -10,6 +10,8 @@ callback                        what it does
 :class:`AdaptiveGradientClipping`  AutoClip / ZClip thresholds, state kept in checkpoints
 :class:`FiniteCheckpoint`       a ``ModelCheckpoint`` that writes atomically and never a non-finite model
 :class:`DataGuard`              the first non-finite input or target names the batch, sample and feature
+:class:`DeltaMonitor`           Mamba's step size delta = softplus(dt_proj(x) + bias), median and max per
+                                block, every N steps (hooks only on the steps it logs)
 ==============================  ===========================================================================
 
 Use them on your own model::
@@ -34,11 +36,12 @@ from ..diagnostics.autopsy import NonFiniteTrainingError
 from .checkpoint import FiniteCheckpoint, NonFiniteCheckpointError, first_nonfinite
 from .clipping import ALGORITHMS, AdaptiveGradientClipping, AutoClip, ZClip
 from .data import DataGuard
+from .delta_monitor import DeltaMonitor
 from .guard import ACTIONS, POLICIES, NonFiniteGuard
 from .monitor import GradNormMonitor
 
 __all__ = [
     "NonFiniteGuard", "NonFiniteTrainingError", "GradNormMonitor", "AdaptiveGradientClipping", "AutoClip",
-    "ZClip", "FiniteCheckpoint", "NonFiniteCheckpointError", "DataGuard", "POLICIES", "ACTIONS", "ALGORITHMS",
+    "ZClip", "FiniteCheckpoint", "NonFiniteCheckpointError", "DataGuard", "DeltaMonitor", "POLICIES", "ACTIONS", "ALGORITHMS",
     "first_nonfinite",
 ]

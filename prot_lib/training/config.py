@@ -20,6 +20,7 @@ fallbacks of that fix      ``model.n_layers`` (fewer layers),           ``build_
 norm residual blocks       pre`` + ``residual: true`` (fix
 (``layernorm``)            ``layernorm``)
 smaller learning rate      ``training.lr``                              ``NaNStudyModule.configure_optimizers``
+(ours) smaller SSM lr     ``training.ssm_lr_scale``                    ``parameter_groups`` (``configure_optimizers``)
 (ours) input normalisation ``data.normalize``                           ``SequenceData.normalized``
 (ours) adaptive clipping   ``training.gradient_clip_algorithm`` (autoclip,   ``safety_nets`` -> ``AdaptiveGradientClipping``
                            zclip) + ``autoclip_*``, ``zclip_*``
@@ -160,6 +161,11 @@ class TrainingConfig(_Strict):
     """Optimisation settings; the write-up's keys keep the write-up's names and defaults."""
 
     lr: float = Field(1e-4, gt=0.0, description="learning rate of AdamW, per optimizer step")
+    # The SSM parameters (A_log, D, dt_proj.weight, dt_proj.bias of every Mamba block) set delta and
+    # exp(delta * A); many Mamba recipes train them at a smaller lr. 1.0 keeps one lr for all.
+    ssm_lr_scale: float = Field(1.0, gt=0.0, description="lr of the SSM parameters (A_log, D, dt_proj) = "
+                                "lr * ssm_lr_scale, in their own AdamW param groups (NaNStudyModule."
+                                "configure_optimizers); warmup/StepLR scale every group alike")
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_clip_val: Optional[float] = Field(1.0, ge=0.0, description="0 or null disables clipping")
     gradient_clip_algorithm: Literal["norm", "value", "autoclip", "zclip"] = Field(

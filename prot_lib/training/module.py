@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -27,10 +27,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
 from ..diagnostics.grads import total_grad_norm
-from ..models import build_model
+from ..models import Mamba, build_model
 from .config import RunConfig, config_from_dict
 
-__all__ = ["NaNStudyModule", "RawTrainingLoss", "parameter_groups", "total_grad_norm", "SANITIZE_CLAMP",
+__all__ = ["NaNStudyModule", "RawTrainingLoss", "parameter_groups", "ssm_parameters", "total_grad_norm", "SANITIZE_CLAMP",
            "SANITIZE_LOSS_FILL", "NO_DECAY_MODULES"]
 
 #: the write-up's sanitisation constants
@@ -49,7 +49,20 @@ NO_DECAY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm
                     nn.modules.batchnorm._NormBase)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def ssm_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """The selective-SSM parameters of every :class:`prot_lib.models.Mamba` block in ``module``:
+    ``A_log`` (d_inner, d_state), ``D`` (d_inner,), ``dt_proj.weight`` (d_inner, dt_rank) and
+    ``dt_proj.bias`` (d_inner,): the ones that set delta = softplus(dt_proj(x) + dt_proj.bias) and
+    A_bar = exp(delta * A). In module order; each parameter once."""
+    seen: Dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        if isinstance(mod, Mamba):
+            for p in (mod.A_log, mod.D, mod.dt_proj.weight, mod.dt_proj.bias):
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, ssm_lr: Optional[float] = None) -> List[Dict[str, Any]]:
     """AdamW parameter groups following mamba-ssm's training recipe: no weight decay on biases
     (``dt_proj.bias`` included), on normalisation weights, and on parameters marked
     ``_no_weight_decay`` (``A_log``, ``D``: :class:`prot_lib.models.Mamba`); decay on everything else
@@ -59,25 +72,44 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, A
     of the Mamba authors' training code (Dao-AILab/flash-attention, ``training/src/optim/param_grouping.py``),
     which honours ``_no_weight_decay`` and exempts ``*bias`` and the normalisation modules.
 
+    Args:
+        module: the model (or the LightningModule holding it).
+        weight_decay: AdamW's decoupled weight decay of the decayed group.
+        ssm_lr: None (default): one lr for all, the groups carry no ``lr`` key and take the optimizer's.
+            A float: the SSM parameters (:func:`ssm_parameters`) move to groups of their own with
+            ``"lr": ssm_lr`` (per optimizer step), keeping their weight decay (``dt_proj.weight``
+            decayed, the others exempt), so the SSM's lr is the only thing that changes.
+
     Returns:
         ``[{"params": decayed, "weight_decay": weight_decay, "names": [...]},
-        {"params": exempt, "weight_decay": 0.0, "names": [...]}]`` (the second only when non-empty); each
-        group's ``names`` lists its parameters' qualified names in module order (torch optimizers keep
-        extra keys of a group).
+        {"params": exempt, "weight_decay": 0.0, "names": [...]}]`` (the second only when non-empty); with
+        ``ssm_lr`` then the SSM groups, ``{"params", "weight_decay", "lr": ssm_lr, "names", "ssm": True}``
+        (exempt: A_log, D, dt_proj.bias; decayed: dt_proj.weight; each only when non-empty). Each group's
+        ``names`` lists its parameters' qualified names in module order (torch optimizers keep extra
+        keys of a group). Schedulers (LinearLR, StepLR, SequentialLR) keep one ``initial_lr`` per group
+        and multiply each by the same factor, so warmup scales every group alike.
     """
-    decay, no_decay = ([], []), ([], [])
+    ssm = {id(p) for p in ssm_parameters(module)} if ssm_lr is not None else set()
+    # (decayed?, ssm?) -> (names, params)
+    buckets: Dict[tuple, tuple] = {(d, s): ([], []) for d in (True, False) for s in (False, True)}
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             exempt = (getattr(p, "_no_weight_decay", False) or p_name.endswith("bias")
                       or isinstance(mod, NO_DECAY_MODULES))
-            names, params = no_decay if exempt else decay
+            names, params = buckets[(not exempt, id(p) in ssm)]
             names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
             params.append(p)
+    decay, no_decay = buckets[(True, False)], buckets[(False, False)]
     groups = [{"params": decay[1], "weight_decay": weight_decay, "names": decay[0]}]
     if no_decay[1]:
         groups.append({"params": no_decay[1], "weight_decay": 0.0, "names": no_decay[0]})
+    for decayed in (False, True):
+        names, params = buckets[(decayed, True)]
+        if params:
+            groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0,
+                           "lr": float(ssm_lr), "names": names, "ssm": True})
     return groups
 
 
@@ -211,11 +243,15 @@ class NaNStudyModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        """AdamW over :func:`parameter_groups` (no weight decay on biases, norm weights, A_log, D),
-        optional LinearLR -> StepLR warmup via SequentialLR, and, when ``clip_via: configure_optimizers``,
-        the write-up's ``gradient_clip_val`` key in the returned dict."""
+        """AdamW over :func:`parameter_groups` (no weight decay on biases, norm weights, A_log, D; the
+        SSM parameters at ``lr * ssm_lr_scale`` when ``training.ssm_lr_scale != 1``), optional
+        LinearLR -> StepLR warmup via SequentialLR (per-group factors, so the SSM groups keep their
+        ratio), and, when ``clip_via: configure_optimizers``, the write-up's ``gradient_clip_val`` key
+        in the returned dict."""
         t = self.config.training
-        opt = torch.optim.AdamW(parameter_groups(self, t.weight_decay), lr=t.lr)
+        # scale 1.0: no SSM groups at all, so every existing run's optimizer is the one it always had
+        ssm_lr = None if t.ssm_lr_scale == 1.0 else t.lr * t.ssm_lr_scale
+        opt = torch.optim.AdamW(parameter_groups(self, t.weight_decay, ssm_lr=ssm_lr), lr=t.lr)
         out: Dict[str, Any] = {"optimizer": opt}
         w = t.warmup
         if w.enabled:
