@@ -19,8 +19,8 @@ The three steps, each a function below:
    one subprocess per notebook with a wall-clock timeout, ``--jobs N`` at once (default
    ``$PROT_LIB_BOOK_JOBS``, else min(2, cores)), each kernel on one core when N > 1, longest chapter
    first by the times the last build of this mode wrote to ``book/_timings/<mode>.json``
-   (``{"mode", "jobs", "wall_s", "chapters_sum_s", "chapters": {name: {"seconds", "ok", "start_s",
-   "end_s"}}}``; before any build, :data:`SHIPPED_SECONDS`). The chapters share the run cache
+   (``{"mode", "jobs", "wall_s", "started_at", "chapters_sum_s", "chapters": {name: {"seconds", "ok",
+   "start_s", "end_s"}}}``; before any build, :data:`SHIPPED_SECONDS`). The chapters share the run cache
    (``$PROT_LIB_CACHE``), whose entries are written atomically, so two kernels training the same run
    at once both store a whole, identical entry. In ``ci`` mode it injects
    ``{"CI": True}`` after the cell tagged ``parameters``; in ``full`` mode it injects nothing, so the
@@ -421,8 +421,9 @@ def write_timings(path: Path, *, mode: str, jobs: int, wall_s: float, t0: float,
                   results: list[ExecResult]) -> dict:
     """Write this build's record to ``path`` (atomically) and return it.
 
-    ``{"mode", "jobs", "wall_s", "chapters_sum_s", "chapters": {name: {"seconds", "ok", "start_s",
-    "end_s"}}}``; start_s/end_s are seconds after ``t0`` (``time.time()`` at the build's start).
+    ``{"mode", "jobs", "wall_s", "started_at", "chapters_sum_s", "chapters": {name: {"seconds", "ok",
+    "start_s", "end_s"}}}``; started_at is ``t0`` (``time.time()`` at the build's start) in UTC, and
+    start_s/end_s are seconds after it.
     Chapters recorded earlier and not run now are kept (a ``--only`` build updates its own), except
     a failed run's seconds never lower an earlier record (a failure cuts a run short).
     """
@@ -439,6 +440,7 @@ def write_timings(path: Path, *, mode: str, jobs: int, wall_s: float, t0: float,
         chapters[r.source.name] = {"seconds": round(seconds, 1), "ok": r.ok,
                                    "start_s": round(r.started - t0, 1), "end_s": round(r.ended - t0, 1)}
     record = {"mode": mode, "jobs": jobs, "wall_s": round(wall_s, 1),
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
               "chapters_sum_s": round(sum(r.seconds for r in results), 1),
               "chapters": dict(sorted(chapters.items()))}
     path = Path(path)

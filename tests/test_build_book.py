@@ -149,7 +149,8 @@ def test_write_timings_keeps_other_chapters(tmp_path):
              R(Path("01_b.ipynb"), Path("o"), True, 7.0, "", 100.5, 107.5)]
     rec = build_book.write_timings(path, mode="ci", jobs=2, wall_s=7.6, t0=100.0, results=first)
     assert json.loads(path.read_text()) == rec
-    assert rec == {"mode": "ci", "jobs": 2, "wall_s": 7.6, "chapters_sum_s": 11.0, "chapters": {
+    assert rec == {"mode": "ci", "jobs": 2, "wall_s": 7.6, "started_at": "1970-01-01T00:01:40Z",
+                   "chapters_sum_s": 11.0, "chapters": {
         "00_a.ipynb": {"seconds": 4.0, "ok": True, "start_s": 0.0, "end_s": 4.0},
         "01_b.ipynb": {"seconds": 7.0, "ok": True, "start_s": 0.5, "end_s": 7.5}}}
     # an --only build of chapter 1 that failed after 2 s: chapter 0 is kept, chapter 1 keeps its 7 s
