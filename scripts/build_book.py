@@ -57,7 +57,10 @@ BOOK = REPO / "book"
 CHAPTER_GLOB = "[0-9]*.ipynb"  # chapters are the numbered notebooks; notebooks/widgets/ etc. are not
 KERNEL_NAME = "python3"  # resolved to this interpreter, see check_kernel()
 
-# Seconds one notebook may run, wall clock (papermill's own timeout is per cell).
+# Seconds one notebook may run, wall clock (papermill's own timeout is per cell), when it runs
+# alone; with --jobs N, N times that (a kernel then has one core, and a chapter may train the runs
+# that a later chapter, run alone, would have read from the cache: 09 timed out at 600 s in a
+# `--jobs 2` CI build on a loaded machine, having trained chapters 1, 2 and 8's runs itself).
 TIMEOUT = {"ci": 600, "full": 3600}
 
 # --- 1. vendor ------------------------------------------------------------------------------------
@@ -471,7 +474,7 @@ def execute_all(notebooks: list[Path], dest: Path, *, mode: str, timeout: float 
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    timeout = TIMEOUT[mode] if timeout is None else timeout
+    timeout = TIMEOUT[mode] * min(jobs, max(1, len(notebooks))) if timeout is None else timeout
     timings = timings_path(mode) if timings is None else Path(timings)
     dest.mkdir(parents=True, exist_ok=True)
     if prune:
@@ -593,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="execute up to N notebooks at once, each kernel on one core when N > 1 "
                              "(default: $PROT_LIB_BOOK_JOBS, else min(2, cores))")
-    parser.add_argument("--timeout", type=float, help="seconds per notebook (default: ci 600, full 3600)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds per notebook (default: ci 600, full 3600, times the notebooks run at once)")
     parser.add_argument("--no-execute", action="store_true", help="render book/chapters/ as it is")
     parser.add_argument("--vendor-only", action="store_true", help="only install/copy the JS libraries")
     parser.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
