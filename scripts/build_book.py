@@ -3,6 +3,7 @@
     python scripts/build_book.py --mode full             # the book as published (full training runs)
     python scripts/build_book.py --mode ci               # CI parameters: fast runs, same pages
     python scripts/build_book.py --mode ci --only 03_    # execute only notebooks whose name contains "03_"
+    python scripts/build_book.py --mode ci --jobs 1      # one notebook at a time (default: 2 on 2+ cores)
     python scripts/build_book.py --vendor-only           # only install and copy the browser libraries
 
 The three steps, each a function below:
@@ -14,8 +15,14 @@ The three steps, each a function below:
    ``mathjax_path`` point at it, so no page loads a script from a CDN. ``offline.js`` (from
    book/vendor/jupyter-widgets-offline.js) points embed-amd.js at its fonts and lets ipywidgets'
    MathJax 2 calls reach MathJax 3.
-2. ``execute_all``: papermill runs ``notebooks/[0-9]*.ipynb`` (sorted) into ``book/chapters/``
-   (gitignored), one subprocess per notebook with a wall-clock timeout. In ``ci`` mode it injects
+2. ``execute_all``: papermill runs ``notebooks/[0-9]*.ipynb`` into ``book/chapters/`` (gitignored),
+   one subprocess per notebook with a wall-clock timeout, ``--jobs N`` at once (default
+   ``$PROT_LIB_BOOK_JOBS``, else min(2, cores)), each kernel on one core when N > 1, longest chapter
+   first by the times the last build of this mode wrote to ``book/_timings/<mode>.json``
+   (``{"mode", "jobs", "wall_s", "started_at", "chapters_sum_s", "chapters": {name: {"seconds", "ok",
+   "start_s", "end_s"}}}``; before any build, :data:`SHIPPED_SECONDS`). The chapters share the run cache
+   (``$PROT_LIB_CACHE``), whose entries are written atomically, so two kernels training the same run
+   at once both store a whole, identical entry. In ``ci`` mode it injects
    ``{"CI": True}`` after the cell tagged ``parameters``; in ``full`` mode it injects nothing, so the
    notebook's own ``CI = False`` holds. nbclient stores the widget state in the notebook metadata,
    which MyST-NB embeds in the page so the static widgets render. A notebook that fails is kept as
@@ -38,7 +45,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +57,10 @@ BOOK = REPO / "book"
 CHAPTER_GLOB = "[0-9]*.ipynb"  # chapters are the numbered notebooks; notebooks/widgets/ etc. are not
 KERNEL_NAME = "python3"  # resolved to this interpreter, see check_kernel()
 
-# Seconds one notebook may run, wall clock (papermill's own timeout is per cell).
+# Seconds one notebook may run, wall clock (papermill's own timeout is per cell), when it runs
+# alone; with --jobs N, N times that (a kernel then has one core, and a chapter may train the runs
+# that a later chapter, run alone, would have read from the cache: 09 timed out at 600 s in a
+# `--jobs 2` CI build on a loaded machine, having trained chapters 1, 2 and 8's runs itself).
 TIMEOUT = {"ci": 600, "full": 3600}
 
 # --- 1. vendor ------------------------------------------------------------------------------------
@@ -196,8 +208,15 @@ def check_kernel() -> None:
             )
 
 
-def kernel_env() -> dict[str, str]:
-    """Environment for papermill and its kernel: this venv's kernelspecs first, quiet debugger."""
+def kernel_env(*, one_thread: bool = False) -> dict[str, str]:
+    """Environment for papermill and its kernel: this venv's kernelspecs first, quiet debugger.
+
+    one_thread: the kernel computes on one core (set when several chapters run at once, so that N
+    kernels on N cores do not each start a pool of N threads): OpenMP and MKL (torch's intra-op
+    pool reads ``OMP_NUM_THREADS`` at start-up, and prot_lib's numba scan sizes its pool by
+    ``torch.get_num_threads()``), numba's own pool, and the sweep engine's worker count
+    (``PROT_LIB_JOBS``, :func:`prot_lib.experiments.engine.default_jobs`) unless the caller set it.
+    """
     env = dict(os.environ)
     env["JUPYTER_PREFER_ENV_PATH"] = "1"  # sys.prefix/share/jupyter before ~/.local/share/jupyter
     env["JUPYTER_PLATFORM_DIRS"] = "1"
@@ -207,18 +226,32 @@ def kernel_env() -> dict[str, str]:
     # cache folder, prot_lib.training.run_kfold computes each (config, folds, source hash) once.
     env.setdefault("PROT_LIB_CACHE", str(REPO / "runs" / "cache"))
     env.setdefault("PROT_LIB_PROGRESS", "0")  # Lightning's progress bars would fill the pages
+    if one_thread:
+        for var in THREAD_VARS:
+            env[var] = "1"
+        env.setdefault("PROT_LIB_JOBS", "1")
     return env
+
+
+#: thread-pool sizes a kernel reads from its environment (torch via OpenMP, MKL, numba)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 @dataclass
 class ExecResult:
-    """What one papermill run did. ``message`` says where and why it failed ('' when ok)."""
+    """What one papermill run did. ``message`` says where and why it failed ('' when ok).
+
+    seconds: wall clock of the run. started, ended: ``time.time()`` (seconds since the epoch) when
+    papermill was started and when it exited or was killed.
+    """
 
     source: Path
     output: Path
     ok: bool
     seconds: float
     message: str = ""
+    started: float = 0.0
+    ended: float = 0.0
 
 
 def _first_error(nb_path: Path) -> str:
@@ -239,11 +272,20 @@ def _first_error(nb_path: Path) -> str:
     return ""
 
 
-def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float) -> ExecResult:
+# papermill processes running now (several at once with --jobs), so that an interrupt of the build
+# kills them all: each runs in a session of its own, where the terminal's Ctrl-C does not reach.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set by an interrupted execute_all: a papermill started late dies at once
+
+
+def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float,
+                     one_thread: bool = False) -> ExecResult:
     """Run ``src`` with papermill into ``dst``; the kernel's working directory is ``src``'s folder.
 
     ci: inject ``CI = True`` after the ``parameters`` cell. timeout: seconds, wall clock, for the
     whole notebook; on expiry papermill and its kernel are killed and the result says so.
+    one_thread: the kernel uses one core (:func:`kernel_env`). Safe to call from several threads.
     """
     check_kernel()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -256,25 +298,33 @@ def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float) -> ExecR
     ]
     if ci:
         cmd += ["--parameters_yaml", json.dumps({"CI": True})]
-    start = time.monotonic()
+    started, start = time.time(), time.monotonic()
     proc = subprocess.Popen(
-        cmd, env=kernel_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group, so a timeout can kill papermill + kernel
+        cmd, env=kernel_env(one_thread=one_thread), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,  # its own process group, so a timeout can kill papermill + kernel
     )
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+        if _STOPPING.is_set():
+            _kill_tree(proc)
     try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        proc.communicate()
-        seconds = time.monotonic() - start
-        where = _last_started_cell(dst)
-        return ExecResult(src, dst, False, seconds,
-                          f"{src.name}: timed out after {timeout:.0f} s{where}")
-    seconds = time.monotonic() - start
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            proc.communicate()
+            seconds = time.monotonic() - start
+            where = _last_started_cell(dst)
+            return ExecResult(src, dst, False, seconds,
+                              f"{src.name}: timed out after {timeout:.0f} s{where}", started, time.time())
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
+    seconds, ended = time.monotonic() - start, time.time()
     if proc.returncode != 0:
         error = _first_error(dst) or log.strip()[-3000:]
-        return ExecResult(src, dst, False, seconds, f"{src.name} failed: {error}")
-    return ExecResult(src, dst, True, seconds)
+        return ExecResult(src, dst, False, seconds, f"{src.name} failed: {error}", started, ended)
+    return ExecResult(src, dst, True, seconds, "", started, ended)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -309,41 +359,180 @@ def _last_started_cell(nb_path: Path) -> str:
     return ""
 
 
+# --- 2b. scheduling and timings -------------------------------------------------------------------
+
+# The order in which chapters start, when no build of this mode has recorded its times yet:
+# seconds per chapter, keyed by the chapter's number (the file name's digits before "_").
+# full: one sequential full-mode build (12 chapters, 2 shared cores; 06, 10, 11 rounded).
+# ci: `PROT_LIB_BOOK_JOBS=1 make book MODE=ci` on 2 cores shared with other jobs (load 5-7),
+# 2026-12-01, 1921 s in all. Only the order matters: the times are slower than an idle machine's.
+SHIPPED_SECONDS = {
+    "full": {"00": 82, "01": 861, "02": 158, "03": 275, "04": 742, "05": 90, "06": 300, "07": 194,
+             "08": 263, "09": 1676, "10": 600, "11": 222},
+    "ci": {"00": 29, "01": 219, "02": 89, "03": 94, "04": 298, "05": 152, "06": 192, "07": 189,
+           "08": 78, "09": 353, "10": 129, "11": 98},
+}
+TIMINGS_DIR = BOOK / "_timings"  # gitignored; outside _build/, which render() deletes
+
+
+def timings_path(mode: str) -> Path:
+    """``book/_timings/<mode>.json``: the last measured seconds per chapter of this mode."""
+    return TIMINGS_DIR / f"{mode}.json"
+
+
+def default_jobs() -> int:
+    """``$PROT_LIB_BOOK_JOBS``, else min(2, the cores this process may use).
+
+    Raises ValueError: ``$PROT_LIB_BOOK_JOBS`` is not a whole number >= 1.
+    """
+    env = os.environ.get("PROT_LIB_BOOK_JOBS")
+    if env:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ValueError(f"PROT_LIB_BOOK_JOBS={env!r}: expected a whole number >= 1")
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
+def load_timings(path: Path) -> dict[str, float]:
+    """{notebook file name: seconds} from a timings file ({} if it is missing or unreadable)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return {name: float(c["seconds"]) for name, c in record.get("chapters", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def schedule(notebooks: list[Path], recorded: dict[str, float],
+             fallback: dict[str, float] | None = None) -> list[Path]:
+    """``notebooks`` in the order to start them: longest expected run first.
+
+    The expected seconds of a chapter are ``recorded[file name]``, else ``fallback[number]`` (the
+    digits before the first "_"); a chapter with neither goes first (it may be long, and a new
+    chapter is the one being worked on). Ties keep file-name order. With N workers, longest first
+    keeps a long chapter from starting last and running alone at the end.
+    """
+    fallback = fallback or {}
+
+    def expected(nb: Path) -> float:
+        if nb.name in recorded:
+            return recorded[nb.name]
+        return float(fallback.get(nb.name.split("_", 1)[0], float("inf")))
+
+    return sorted(notebooks, key=lambda nb: (-expected(nb), nb.name))
+
+
+def write_timings(path: Path, *, mode: str, jobs: int, wall_s: float, t0: float,
+                  results: list[ExecResult]) -> dict:
+    """Write this build's record to ``path`` (atomically) and return it.
+
+    ``{"mode", "jobs", "wall_s", "started_at", "chapters_sum_s", "chapters": {name: {"seconds", "ok",
+    "start_s", "end_s"}}}``; started_at is ``t0`` (``time.time()`` at the build's start) in UTC, and
+    start_s/end_s are seconds after it.
+    Chapters recorded earlier and not run now are kept (a ``--only`` build updates its own), except
+    a failed run's seconds never lower an earlier record (a failure cuts a run short).
+    """
+    try:
+        old = json.loads(Path(path).read_text()).get("chapters", {})
+    except (OSError, ValueError, AttributeError):
+        old = {}
+    chapters = dict(old) if isinstance(old, dict) else {}
+    for r in results:
+        seconds = r.seconds
+        prev = chapters.get(r.source.name, {})
+        if not r.ok and isinstance(prev, dict) and isinstance(prev.get("seconds"), (int, float)):
+            seconds = max(seconds, prev["seconds"])
+        chapters[r.source.name] = {"seconds": round(seconds, 1), "ok": r.ok,
+                                   "start_s": round(r.started - t0, 1), "end_s": round(r.ended - t0, 1)}
+    record = {"mode": mode, "jobs": jobs, "wall_s": round(wall_s, 1),
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+              "chapters_sum_s": round(sum(r.seconds for r in results), 1),
+              "chapters": dict(sorted(chapters.items()))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+    return record
+
+
 def execute_all(notebooks: list[Path], dest: Path, *, mode: str, timeout: float | None = None,
-                prune: bool = True) -> list[ExecResult]:
-    """Execute ``notebooks`` into ``dest`` (same file names), in order. Returns one result each.
+                prune: bool = True, jobs: int = 1, timings: Path | None = None) -> list[ExecResult]:
+    """Execute ``notebooks`` into ``dest`` (same file names), ``jobs`` at a time, longest first.
+
+    Returns one result each, in the order of ``notebooks``. Each chapter prints one line when it
+    finishes. jobs > 1: every kernel computes on one core (:func:`kernel_env`); the chapters share
+    the run cache, whose writes are atomic (:mod:`prot_lib.training.run_cache`). timings: the file
+    that orders the chapters (:func:`schedule`, falling back on :data:`SHIPPED_SECONDS`) and that
+    receives this run's times (:func:`write_timings`); None: :func:`timings_path` of ``mode``.
 
     A notebook that fails is kept, with its traceback, as ``dest/NAME.failed.ipynb``, which
-    _config.yml excludes from the book. prune: first delete executed notebooks in ``dest`` whose
-    source is gone from notebooks/.
+    _config.yml excludes from the book; the others still run. prune: first delete executed
+    notebooks in ``dest`` whose source is gone from notebooks/.
+
+    Raises ValueError: jobs < 1. On an interrupt (Ctrl-C) every running papermill is killed.
     """
-    timeout = TIMEOUT[mode] if timeout is None else timeout
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    timeout = TIMEOUT[mode] * min(jobs, max(1, len(notebooks))) if timeout is None else timeout
+    timings = timings_path(mode) if timings is None else Path(timings)
     dest.mkdir(parents=True, exist_ok=True)
     if prune:
         sources = {p.stem for p in NOTEBOOKS.glob(CHAPTER_GLOB)}
         for stale in dest.glob("*.ipynb"):
             if stale.name.removesuffix(".ipynb").removesuffix(".failed") not in sources:
                 stale.unlink()
-    results = []
-    for src in notebooks:
-        failed_copy = dest / f"{src.stem}.failed.ipynb"
-        failed_copy.unlink(missing_ok=True)
-        print(f"[execute] {src.name} ({mode}) ...", end=" ", flush=True)
-        res = execute_notebook(src, dest / src.name, ci=(mode == "ci"), timeout=timeout)
-        print(f"{'ok' if res.ok else 'FAILED'} in {res.seconds:.1f} s", flush=True)
+    order = schedule(notebooks, load_timings(timings), SHIPPED_SECONDS.get(mode))
+    jobs = min(jobs, len(order)) or 1
+    print(f"[execute] {len(order)} notebook(s), {mode} mode, {jobs} at a time, longest first: "
+          + ", ".join(nb.name.split("_", 1)[0] for nb in order), flush=True)
+
+    def finished(res: ExecResult) -> None:
+        failed_copy = dest / f"{res.source.stem}.failed.ipynb"
+        line = f"[execute] {res.source.name} ({mode}) {'ok' if res.ok else 'FAILED'} in {res.seconds:.1f} s"
         if not res.ok:
             if res.output.exists():
                 res.output.replace(failed_copy)
                 res.output = failed_copy
-            print(f"    {res.message}\n    traceback in {failed_copy.relative_to(REPO)}", flush=True)
-        results.append(res)
+            shown = failed_copy.relative_to(REPO) if failed_copy.is_relative_to(REPO) else failed_copy
+            line += f"\n    {res.message}\n    traceback in {shown}"
+        print(line, flush=True)
+
+    for src in order:
+        (dest / f"{src.stem}.failed.ipynb").unlink(missing_ok=True)
+    t0, start = time.time(), time.monotonic()
+    done: dict[Path, ExecResult] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="papermill")
+    try:
+        # submitted in schedule order; the pool starts them in that order as workers free up
+        futures = {pool.submit(execute_notebook, src, dest / src.name, ci=(mode == "ci"), timeout=timeout,
+                               one_thread=jobs > 1): src for src in order}
+        pending = set(futures)
+        while pending:
+            ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in sorted(ready, key=lambda f: futures[f].name):
+                res = fut.result()
+                finished(res)
+                done[futures[fut]] = res
+    except BaseException:  # Ctrl-C or a bug: no papermill may outlive the build
+        _STOPPING.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _RUNNING_LOCK:
+            for proc in list(_RUNNING):
+                _kill_tree(proc)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        _STOPPING.clear()
+    results = [done[src] for src in notebooks]
+    write_timings(timings, mode=mode, jobs=jobs, wall_s=time.monotonic() - start, t0=t0, results=results)
     return results
 
 
 # --- 3. render ------------------------------------------------------------------------------------
 
 # What a book source folder needs besides the chapters: everything tracked in book/ except tooling.
-STAGE_SKIP = {"_build", "chapters", "vendor", "_vendor"}
+STAGE_SKIP = {"_build", "chapters", "vendor", "_vendor", "_timings"}
 
 
 def stage_book(chapters: Path, dest: Path) -> Path:
@@ -404,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="PATTERN",
                         help="execute only notebooks whose file name contains PATTERN; "
                              "chapters executed earlier stay in book/chapters/ and are built too")
-    parser.add_argument("--timeout", type=float, help="seconds per notebook (default: ci 600, full 3600)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="execute up to N notebooks at once, each kernel on one core when N > 1 "
+                             "(default: $PROT_LIB_BOOK_JOBS, else min(2, cores))")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds per notebook (default: ci 600, full 3600, times the notebooks run at once)")
     parser.add_argument("--no-execute", action="store_true", help="render book/chapters/ as it is")
     parser.add_argument("--vendor-only", action="store_true", help="only install/copy the JS libraries")
     parser.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
@@ -422,10 +615,16 @@ def main(argv: list[str] | None = None) -> int:
         if not notebooks:
             print(f"no notebooks/{CHAPTER_GLOB} matches {args.only!r}", file=sys.stderr)
             return 2
-        results = execute_all(notebooks, BOOK / "chapters", mode=args.mode, timeout=args.timeout)
-        failed = [r for r in results if not r.ok]
-        t_exec = time.monotonic() - t0
-        print(f"[execute] {len(results) - len(failed)}/{len(results)} ok in {t_exec:.1f} s", flush=True)
+        jobs = default_jobs() if args.jobs is None else args.jobs
+        if jobs < 1:
+            parser.error(f"--jobs must be >= 1, got {jobs}")
+        t_start = time.monotonic()
+        results = execute_all(notebooks, BOOK / "chapters", mode=args.mode, timeout=args.timeout, jobs=jobs)
+        failed = [r for r in results if not r.ok]  # in chapter order
+        wall = time.monotonic() - t_start
+        print(f"[execute] {len(results) - len(failed)}/{len(results)} ok: wall {wall:.1f} s, sum of chapter "
+              f"times {sum(r.seconds for r in results):.1f} s ({min(jobs, len(results))} at a time; "
+              f"per chapter: {timings_path(args.mode).relative_to(REPO)})", flush=True)
         for r in failed:
             print(f"[execute] FAILED {r.message}", file=sys.stderr)
         if failed and not args.keep_going:
