@@ -108,3 +108,40 @@ def test_table_counts_dead_folds_as_failures_not_as_missing():
     assert t.loc["a", "worst_rmse_ratio_live"] == pytest.approx(0.7)
     assert t.loc["b", "median_rmse_ratio"] == math.inf  # two of three folds dead
     assert t.loc["b", "median_rmse_ratio_live"] == pytest.approx(0.2)
+
+
+def test_ship_sweep_writes_the_finished_cells_and_says_how_many(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from prot_lib.experiments import run_sweep
+
+    spec_path = Path(__file__).resolve().parents[1] / "scripts" / "ship_sweep.py"
+    mod = importlib.util.spec_from_file_location("ship_sweep", spec_path)
+    ship = importlib.util.module_from_spec(mod)
+    mod.loader.exec_module(ship)
+    assert ship.main(["ablation", "--quick", "--from", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    run_sweep("ablation", quick=True, n_jobs=1, out=tmp_path / "sweep", progress=False)
+    assert ship.main(["ablation", "--quick", "--from", str(tmp_path / "sweep"), "--out", str(tmp_path / "abl")]) == 0
+    rows = pd.read_csv(tmp_path / "abl.csv")
+    meta = json.loads((tmp_path / "abl.json").read_text())
+    assert rows["variant"].tolist() == ["recommended", "reproduction"] and "fix" not in rows and "worker" not in rows
+    assert (meta["cells_done"], meta["cells_total"], meta["missing"]) == (2, 2, [])
+    assert ablation_table(rows).loc["recommended", "n_folds"] == 1
+
+
+def test_the_shipped_ablation_is_the_whole_spec():
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data" / "sweeps"
+    rows = pd.read_csv(data / "ishigami_ablation_seeds0-1.csv")
+    meta = json.loads((data / "ishigami_ablation_seeds0-1.json").read_text())
+    spec = load_spec("ablation")
+    assert meta["cells_done"] == meta["cells_total"] == len(spec_cells(spec)) == len(rows) == 110
+    assert rows["variant"].drop_duplicates().tolist() == spec.variants
+    assert rows.groupby("variant").size().eq(10).all() and sorted(rows["seed"].unique()) == [0, 1]
+    assert meta["spec"]["extra"] == spec.model_dump()["extra"] and meta["spec"]["parts"] == spec.parts
+    t = ablation_table(rows)
+    assert t.loc["recommended", "nonfinite"] == 0 and t.loc["clip alone", "dead"] == 7  # what chapter 9 states
