@@ -108,8 +108,11 @@ def test_logged_delta_equals_the_direct_computation(ns):
                 delta = direct_delta(b, inputs[i][:5])           # the monitor's first max_samples rows
                 bias = F.softplus(b.dt_proj.bias)
                 row = df[(df["step"] == step) & (df["block"] == f"blocks.{i}")].iloc[0]
+                a_abs = torch.exp(b.A_log)
                 want = {"delta_median": delta.median(), "delta_max": delta.max(),
-                        "delta_bias_median": bias.median(), "delta_bias_max": bias.max()}
+                        "delta_bias_median": bias.median(), "delta_bias_max": bias.max(),
+                        "A_abs_min": a_abs.min(),
+                        "decay_exponent_max": (delta[..., :, None] * a_abs).max()}  # over rows, t, channels, states
                 for k, v in want.items():
                     assert row[k] == pytest.approx(float(v), rel=1e-5, abs=1e-7), (step, i, k)
         for h in handles:

@@ -78,3 +78,37 @@ def test_follows_chapter_skeleton(path):
 def test_executes(path, notebook_runner):
     result = notebook_runner.run(path)
     assert result.ok, result.message
+
+
+# --- thin notebooks, static pages without stale progress bars ----------------------------------
+
+#: the longest code cell a chapter may hold (issue 10: logic belongs in prot_lib, not in a cell)
+MAX_CELL_LINES = 25
+#: library calls that show a tqdm bar unless told not to; frozen on a static page it reads "5% 1/19"
+PROGRESS_CALLS = {"run_kfold", "run_cells", "fix_matrix", "stability_map", "clip_sweep", "ablation_sweep"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_code_cells_are_short(path):
+    long = {i: len(c.source.splitlines()) for i, c in enumerate(read_notebook(path).cells)
+            if c.cell_type == "code" and len(c.source.splitlines()) > MAX_CELL_LINES}
+    assert not long, f"{path.name}: code cells longer than {MAX_CELL_LINES} lines (cell: lines): {long}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
+def test_engine_calls_show_no_progress_bar(path):
+    import ast
+
+    bad = []
+    for i, cell in enumerate(read_notebook(path).cells):
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", None))
+                kw = {k.arg: k.value for k in node.keywords}
+                if name in PROGRESS_CALLS and not (isinstance(kw.get("progress"), ast.Constant)
+                                                   and kw["progress"].value is False):
+                    bad.append(f"cell {i} line {node.lineno}: {name}(...)")
+    assert not bad, f"{path.name}: pass progress=False (a bar freezes on the built page): {bad}"

@@ -31,8 +31,11 @@ from torch import nn
 from ..compat import Callback
 from ..models.mamba import Mamba
 
-#: the four numbers logged per block, as ``<stat>/<block name>``
-STATS = ("delta_median", "delta_max", "delta_bias_median", "delta_bias_max")
+#: the numbers logged per block, as ``<stat>/<block name>``: delta's median and max, the delta bias's median
+#: and max, the smallest |A| = exp(A_log) (trained: it need not stay at init's 1), and the largest decay
+#: exponent delta * |A| over the measured rows, tokens, channels and states (the smallest decay is
+#: A_bar = exp(-decay_exponent_max); float32's exp underflows to 0 above about 104)
+STATS = ("delta_median", "delta_max", "delta_bias_median", "delta_bias_max", "A_abs_min", "decay_exponent_max")
 
 
 def block_delta(block: Mamba, x_dbl: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,8 @@ def block_delta(block: Mamba, x_dbl: torch.Tensor) -> torch.Tensor:
 
 
 class DeltaMonitor(Callback):
-    """Log per Mamba block the median and max of delta and of the delta bias softplus(dt_proj.bias),
-    every ``every_n_steps`` optimizer steps.
+    """Log per Mamba block the median and max of delta and of the delta bias softplus(dt_proj.bias), the
+    smallest |A| and the largest decay exponent delta * |A|, every ``every_n_steps`` optimizer steps.
 
     Args:
         every_n_steps: log on steps with ``global_step % every_n_steps == 0`` (the forward of that step,
@@ -60,11 +63,11 @@ class DeltaMonitor(Callback):
             step's first batch).
         max_samples: rows of the training batch measured (the first ones), to bound the cost.
         log: log through ``pl_module.log_dict`` (``on_step=True``), as ``delta_median/<block>``,
-            ``delta_max/<block>``, ``delta_bias_median/<block>``, ``delta_bias_max/<block>`` (``<block>``:
-            the block's qualified module name); off: only keep :attr:`records`.
+            ``delta_max/<block>``, ... one per :data:`STATS` (``<block>``: the block's qualified module
+            name); off: only keep :attr:`records`.
 
     Attributes:
-        records: one dict per (logged step, block): ``step``, ``block``, and the four :data:`STATS`
+        records: one dict per (logged step, block): ``step``, ``block``, and the :data:`STATS`
             (floats; NaN when the block's delta is non-finite: median and max propagate NaN). Read it
             as a table with :meth:`frame`.
         n_measured: forward passes measured (hook calls), to check that off-steps cost nothing.
@@ -80,7 +83,7 @@ class DeltaMonitor(Callback):
 
         monitor = DeltaMonitor(every_n_steps=10)
         trainer = Trainer(callbacks=[monitor]); trainer.fit(module, loader)
-        monitor.frame()   # step, block, delta_median, delta_max, delta_bias_median, delta_bias_max
+        monitor.frame()   # step, block, delta_median, delta_max, ..., A_abs_min, decay_exponent_max
     """
 
     def __init__(self, every_n_steps: int = 10, max_samples: int = 8, log: bool = True) -> None:
@@ -100,9 +103,13 @@ class DeltaMonitor(Callback):
             with torch.no_grad():
                 delta = block_delta(block, output.detach()[: self.max_samples])
                 bias = F.softplus(block.dt_proj.bias.detach().float())
+                a_abs = block.A_log.detach().float().exp()                      # |A|, (d_inner, d_state)
+                # max over (row, t) first: delta * |A| is monotone in delta for each (channel, state)
+                expo = delta.flatten(0, -2).amax(0)[:, None] * a_abs
                 self._pending.append({"step": self._step, "block": name,
                                       "delta_median": delta.median(), "delta_max": delta.amax(),
-                                      "delta_bias_median": bias.median(), "delta_bias_max": bias.amax()})
+                                      "delta_bias_median": bias.median(), "delta_bias_max": bias.amax(),
+                                      "A_abs_min": a_abs.amin(), "decay_exponent_max": expo.amax()})
             self.n_measured += 1
         return hook
 
