@@ -145,3 +145,24 @@ def test_the_shipped_ablation_is_the_whole_spec():
     assert meta["spec"]["extra"] == spec.model_dump()["extra"] and meta["spec"]["parts"] == spec.parts
     t = ablation_table(rows)
     assert t.loc["recommended", "nonfinite"] == 0 and t.loc["clip alone", "dead"] == 7  # what chapter 9 states
+
+
+def test_the_shipped_prenorm_ablation_is_its_whole_spec():
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data" / "sweeps"
+    rows = pd.read_csv(data / "ishigami_ablation_prenorm_seeds0-1.csv")
+    meta = json.loads((data / "ishigami_ablation_prenorm_seeds0-1.json").read_text())
+    spec = load_spec("ablation-prenorm")
+    assert meta["cells_done"] == meta["cells_total"] == len(spec_cells(spec)) == len(rows) == 20
+    assert rows["variant"].drop_duplicates().tolist() == spec.variants
+    assert meta["spec"]["extra"] == spec.model_dump()["extra"]
+    assert not [w for w in meta["command"].split() if w.startswith("/")]  # no machine paths, only the repo's
+    # the variants are what their labels say: the norm before each block with a residual, nothing else changed
+    v = ablation_configs("ishigami", spec.parts, spec.extra)
+    pre, rec = v["recommended with pre-norm"], v["recommended"]
+    assert (pre.model.norm_position, pre.model.residual, rec.model.norm_position) == ("pre", True, None)
+    assert pre.training == rec.training and v["pre-norm alone"].training == v["reproduction"].training
+    t = ablation_table(rows)
+    assert t.loc["pre-norm alone", "nonfinite"] == 0 and t.loc["pre-norm alone", "median_rmse_ratio"] < 0.6
