@@ -104,3 +104,17 @@ def test_benchmark_model_step_times_ours_with_and_without_the_setting(tmp_path):
     assert step["ratios"]["chunked-pre13/ours+malloc"] == pytest.approx(t["chunked-pre13"] / t["ours+malloc"])
     assert step["ratios"]["ours/ours+malloc"] == pytest.approx(t["ours"] / t["ours+malloc"])
     assert "chunked-pre13 / variant (issue 13's model-step target: >= 5x): ours " in done.stdout
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="the mallopt setting asserts glibc in its child process")
+def test_malloc_env_benchmark_runs_each_setting_in_its_own_process(tmp_path):
+    out = tmp_path / "env.json"
+    done = subprocess.run([sys.executable, "benchmarks/bench_malloc_env.py", "--quick", "--settings",
+                           "default,mallopt", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {n: len(r) for n, r in result["runs"].items()} == {"default": 1, "mallopt": 1}
+    s = result["summary"]
+    assert s["default"]["default/this"] == 1.0
+    assert s["mallopt"]["default/this"] == pytest.approx(s["default"]["step_s"] / s["mallopt"]["step_s"])
+    assert all(v["maxrss_bytes"] > 0 and v["minor_faults"] >= 0 for v in s.values())
