@@ -67,7 +67,8 @@ def child(setting: str, steps: int, quick: bool) -> dict:
         opt.step()
         dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         out.append({"s": dt, "minor_faults": r1.ru_minflt - r0.ru_minflt, "sys_s": r1.ru_stime - r0.ru_stime})
-    return {"warmup": out[0], "steps": out[1:], "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"warmup": out[0], "steps": out[1:], "maxrss_bytes": maxrss}
 
 
 def main(argv=None) -> dict:
@@ -94,7 +95,8 @@ def main(argv=None) -> dict:
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             env = {**os.environ, "OMP_NUM_THREADS": "1", **SETTINGS[name]}
-            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+            cmd += ["--quick"] if args.quick else []
             done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"setting {name}: child exited {done.returncode}: {done.stderr[-1500:]}")
@@ -114,7 +116,8 @@ def main(argv=None) -> dict:
     for name, s in summary.items():
         s["default/this"] = base["step_s"] / s["step_s"] if base else None
         print(f"{name:9s} step {s['step_s']:.2f} s" + (f" ({s['default/this']:.2f}x default)" if base else "")
-              + f", {s['minor_faults'] / 1e6:.2f}M faults, sys {s['sys_s']:.2f} s, peak RSS {s['maxrss_bytes'] / 2**30:.2f} GiB")
+              + f", {s['minor_faults'] / 1e6:.2f}M faults, sys {s['sys_s']:.2f} s, "
+              f"peak RSS {s['maxrss_bytes'] / 2**30:.2f} GiB")
     result["summary"] = summary
     result["meta"]["load_average_at_end"] = os.getloadavg()
     if args.json:

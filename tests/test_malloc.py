@@ -110,7 +110,8 @@ def test_benchmark_model_step_times_ours_with_and_without_the_setting(tmp_path):
 def test_malloc_env_benchmark_runs_each_setting_in_its_own_process(tmp_path):
     out = tmp_path / "env.json"
     done = subprocess.run([sys.executable, "benchmarks/bench_malloc_env.py", "--quick", "--settings",
-                           "default,mallopt", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "default,mallopt", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {n: len(r) for n, r in result["runs"].items()} == {"default": 1, "mallopt": 1}

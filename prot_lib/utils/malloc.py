@@ -8,8 +8,8 @@ the size of the largest mmapped block freed so far, but never above 32 MiB on a 
 (glibc's ``DEFAULT_MMAP_THRESHOLD_MAX``). A tensor above that, such as a Mamba block's in_proj
 output at the write-up's shape ((50 * 1023, 400) float32, 82 MB), is mapped afresh on every call,
 and the kernel zero-fills each of its 4 KiB pages on first touch: one training step of the
-write-up's BiMamba takes about 1.5 million minor page faults and 6 s of system time out of 18 s
-(``benchmarks/README.md``, "Measured (issue 13, the allocator)").
+write-up's BiMamba (batch 50, L 1023, d_model 100, one thread) takes 1.4 million minor page faults
+and 5.6 s of system time (``benchmarks/README.md``, "Measured (issue 13, the allocator)").
 
 :func:`keep_large_allocations` tells glibc to serve every block from its heap (``M_MMAP_MAX`` = 0) and
 not to give the heap's free top back to the kernel before it exceeds ``trim_threshold`` bytes
@@ -17,15 +17,17 @@ not to give the heap's free top back to the kernel before it exceeds ``trim_thre
 with its pages already mapped. The cost is memory: the process's resident size stays near its peak
 (up to ``trim_threshold`` above what it uses) instead of shrinking between steps.
 
-A limit, measured with glibc 2.36: torch asks for 64-byte-aligned blocks, and glibc before 2.38 serves
-an aligned request only from a free block a little larger than the request. A loop that frees a
-tensor and asks for one of the same size, while keeping a small new tensor each time, then grows the
-heap by the tensor's size per iteration instead of reusing the freed block (20 iterations of a
-64 MiB tensor: 1.3 GB of heap). glibc does the same without this setting for tensors below its
-mmap threshold (5 MiB tensors: 463 MiB of heap after 20 iterations); the setting extends it to
-every size. The write-up's training step does not do this: from its third step on it takes a
-handful of page faults and its resident size stays within 8% of the untuned one
-(``benchmarks/README.md``).
+A limit, measured with glibc 2.36 (``benchmarks/malloc_fragmentation.py``): torch asks for
+64-byte-aligned blocks, and glibc 2.36 serves an aligned request only from a free block a little
+larger than the request (glibc 2.38 added a search for a free block already aligned; not measured
+here). A loop that frees a tensor and asks for one of the same size, while
+keeping a small new tensor each time, can then grow the heap by the tensor's size per iteration
+instead of reusing the freed block: 20 iterations of a 64 MiB tensor leave 1.3 GiB of heap with this
+setting, 83 MiB without. glibc does the same without the setting for tensors below its mmap
+threshold (20 MiB tensors: 443 MiB of heap); the setting extends it to every size. The write-up's
+training step does not do this: after its warm-up step it takes at most 0.05 million page faults a
+step (1.4 million untuned) and its peak resident size is 3.86 GiB against 3.57 GiB untuned
+(``benchmarks/bench_malloc_env.py``; ``benchmarks/README.md``, "Measured (issue 13, the allocator)").
 """
 from __future__ import annotations
 
