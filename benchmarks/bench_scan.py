@@ -512,7 +512,8 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
 
     first = {name: step(name) for name in variants}  # warm-up, and the repeats' budget
     times = {n: [] for n in variants}
-    faults = {n: [] for n in variants}  # the timed steps' only
+    for kept in faults.values():  # the timed steps' only
+        kept.clear()
     for r in range(args.model_repeats):
         names = list(variants)
         for name in names[r % len(names):] + names[: r % len(names)]:
