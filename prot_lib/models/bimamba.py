@@ -82,7 +82,7 @@ class BiMambaLayer(nn.Module):
     :class:`Mamba` blocks, the second run over the flipped sequence).
 
     Args:
-        d_model, d_state, d_conv, expand, backend: passed to both :class:`Mamba` blocks.
+        d_model, d_state, d_conv, expand, dt_min, dt_max, backend: passed to both :class:`Mamba` blocks.
         norm: None, "layernorm" or "rmsnorm".
         residual: True -> h + combine(f, b); False -> combine(f, b).
         combine: "add" (f + b) or "mean" ((f + b) / 2).
@@ -93,12 +93,13 @@ class BiMambaLayer(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  norm: Optional[str] = None, residual: bool = True, combine: str = "add",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", dt_min: float = 0.001, dt_max: float = 0.1) -> None:
         super().__init__()
         _check_choice("combine", combine, COMBINES)
         self.norm = make_norm(norm, d_model)
-        self.fwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
-        self.bwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
+        kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_min=dt_min, dt_max=dt_max, backend=backend)
+        self.fwd = Mamba(d_model, **kw)
+        self.bwd = Mamba(d_model, **kw)
         self.residual = residual
         self.combine = combine
 
@@ -123,7 +124,7 @@ class BiMamba(nn.Module):
     Args:
         d_model: width of the residual stream.
         n_layers: number of bidirectional layers (each holds two Mamba blocks).
-        d_state, d_conv, expand, backend: passed to every :class:`Mamba` block.
+        d_state, d_conv, expand, dt_min, dt_max, backend: passed to every :class:`Mamba` block.
         norm: None, "layernorm" or "rmsnorm".
         residual: add each layer's output to its input.
         combine: "add" or "mean" of the two directions.
@@ -135,7 +136,8 @@ class BiMamba(nn.Module):
 
     def __init__(self, d_model: int, n_layers: int, d_state: int = 16, d_conv: int = 4,
                  expand: float = 2, norm: Optional[str] = None, residual: bool = True,
-                 combine: str = "add", backend: str = "auto") -> None:
+                 combine: str = "add", backend: str = "auto", dt_min: float = 0.001,
+                 dt_max: float = 0.1) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -143,7 +145,7 @@ class BiMamba(nn.Module):
         _check_choice("combine", combine, COMBINES)
         self.layers = nn.ModuleList(
             BiMambaLayer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, norm=norm,
-                         residual=residual, combine=combine, backend=backend)
+                         residual=residual, combine=combine, backend=backend, dt_min=dt_min, dt_max=dt_max)
             for _ in range(n_layers))
         self.norm_f = make_norm(norm, d_model)
 
@@ -183,7 +185,8 @@ class BiMambaStacks(nn.Module):
     Args:
         d_model: width of each stack (the token embedding width).
         n_layers: Mamba blocks per stack (the model holds 2 * n_layers blocks).
-        d_state, d_conv, expand, backend: passed to every :class:`Mamba`.
+        d_state, d_conv, expand, dt_min, dt_max, backend: passed to every :class:`Mamba` (dt_min, dt_max:
+            the range of the initial step size delta, mamba-ssm's defaults 0.001 and 0.1).
         norm: None (the write-up before its fix), "layernorm" or "rmsnorm" (eps 1e-5).
         norm_position: "post" (after each block, the write-up's fix) or "pre" (before each block,
             plus a final norm per stack: mamba-ssm's convention). Ignored when ``norm`` is None.
@@ -197,7 +200,8 @@ class BiMambaStacks(nn.Module):
 
     def __init__(self, d_model: int, n_layers: int, d_state: int = 16, d_conv: int = 4,
                  expand: float = 2, norm: Optional[str] = None, norm_position: str = "post",
-                 residual: bool = False, dropout: float = 0.0, backend: str = "auto") -> None:
+                 residual: bool = False, dropout: float = 0.0, backend: str = "auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -212,8 +216,8 @@ class BiMambaStacks(nn.Module):
         self.residual = residual
 
         def blocks() -> nn.ModuleList:
-            return nn.ModuleList(Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand,
-                                       backend=backend) for _ in range(n_layers))
+            return nn.ModuleList(Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_min=dt_min,
+                                       dt_max=dt_max, backend=backend) for _ in range(n_layers))
 
         def norms() -> nn.ModuleList:
             return nn.ModuleList(make_norm(norm, d_model) for _ in range(n_layers))
@@ -299,7 +303,7 @@ class S6Regressor(nn.Module):
         n_layers: Mamba blocks per stack ("stacks") or bidirectional layers ("layers").
         topology: "stacks" (:class:`BiMambaStacks`, the write-up's) or "layers" (:class:`BiMamba`,
             residual Vim-style).
-        d_state, d_conv, expand, backend: passed to every :class:`Mamba` block.
+        d_state, d_conv, expand, dt_min, dt_max, backend: passed to every :class:`Mamba` block.
         norm: None, "layernorm" or "rmsnorm".
         norm_position: None -> the topology's own placement (stacks: "post", the write-up's fix;
             layers: "pre"); "post" is defined for "stacks" only.
@@ -322,7 +326,7 @@ class S6Regressor(nn.Module):
                  d_conv: int = 4, expand: float = 2, norm: Optional[str] = None,
                  residual: Optional[bool] = None, combine: str = "add", pooling: str = "mean",
                  backend: str = "auto", topology: str = "stacks", norm_position: Optional[str] = None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, dt_min: float = 0.001, dt_max: float = 0.1) -> None:
         super().__init__()
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("topology", topology, TOPOLOGIES)
@@ -336,7 +340,7 @@ class S6Regressor(nn.Module):
             self.bimamba = BiMambaStacks(
                 d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand, norm=norm,
                 norm_position=norm_position or "post", residual=bool(residual), dropout=dropout,
-                backend=backend)
+                backend=backend, dt_min=dt_min, dt_max=dt_max)
             width = 2 * d_model
         else:
             if norm_position not in (None, "pre"):
@@ -346,7 +350,7 @@ class S6Regressor(nn.Module):
                 raise ValueError(f"dropout={dropout} is defined for topology 'stacks' only")
             self.bimamba = BiMamba(d_model, n_layers, d_state=d_state, d_conv=d_conv, expand=expand,
                                    norm=norm, residual=True if residual is None else residual,
-                                   combine=combine, backend=backend)
+                                   combine=combine, backend=backend, dt_min=dt_min, dt_max=dt_max)
             width = d_model
         self.head = nn.Linear(width, 1)
 

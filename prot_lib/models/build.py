@@ -15,7 +15,7 @@ from .bimamba import S6Regressor
 MODEL_KEYS = {
     "topology": "stacks", "d_model": 16, "n_layers": 4, "d_state": 16, "d_conv": 4, "expand": 2,
     "norm": None, "norm_position": None, "residual": None, "combine": "add", "dropout": 0.0,
-    "pooling": "mean", "backend": "auto",
+    "pooling": "mean", "backend": "auto", "dt_min": 0.001, "dt_max": 0.1,
 }
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..models.bimamba import TOPOLOGIES
 
@@ -150,11 +150,21 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after each block (stacks only)")
     pooling: Literal["mean", "last"] = "mean"
     backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
+    # mamba-ssm's Mamba(dt_min, dt_max): the initial step size softplus(dt_proj.bias) of every block is
+    # drawn log-uniform in [dt_min, dt_max] (chapter 11 narrows it)
+    dt_min: float = Field(0.001, gt=0.0, description="lower end of the initial delta range (every Mamba block)")
+    dt_max: float = Field(0.1, gt=0.0, description="upper end of the initial delta range (every Mamba block)")
 
     @field_validator("norm", mode="before")
     @classmethod
     def _none_strings(cls, v: Any) -> Any:
         return None if v in ("none", "None", "null", False) else v
+
+    @model_validator(mode="after")
+    def _dt_range(self) -> "ModelConfig":
+        if self.dt_min >= self.dt_max:
+            raise ValueError(f"model.dt_min ({self.dt_min}) must be below model.dt_max ({self.dt_max})")
+        return self
 
 
 class TrainingConfig(_Strict):
