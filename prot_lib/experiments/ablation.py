@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from ..training.config import ConfigError, RunConfig, reproduction_config
+from ..training.fate import fate_counts
 from .cells import Cell, grid_cells
 from .engine import run_cells
 from .recommended import recommended_overrides
@@ -155,9 +155,13 @@ def ablation_sweep(dataset: str, seeds: Iterable[int], folds: Optional[Sequence[
     return rows.assign(variant=rows["fix"])
 
 
-def _median(values: Iterable[float]) -> float:
-    values = [float(v) for v in values]
-    return float(np.median(values)) if values else math.nan
+#: :func:`~prot_lib.training.fate.fate_counts` column -> its name in :func:`ablation_table` (this table's
+#: "live" folds are fate_counts' *usable* ones: neither dead nor blown up)
+_ABLATION_COUNTS = {
+    "n_folds": "n_folds", "n_nonfinite": "nonfinite", "n_dead": "dead", "n_blown_up": "blown_up",
+    "median_rmse_ratio": "median_rmse_ratio", "median_rmse_ratio_usable": "median_rmse_ratio_live",
+    "worst_rmse_ratio_usable": "worst_rmse_ratio_live",
+}
 
 
 def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -171,20 +175,21 @@ def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
     kills half its folds scores inf: the ranking number); ``median_rmse_ratio_live`` (the same over the
     folds neither dead nor blown up); ``worst_rmse_ratio_live`` (their maximum).
 
-    Units: RMSE ratios are dimensionless (1.0 = the mean predictor).
+    Units: RMSE ratios are dimensionless (1.0 = the mean predictor). The counts and medians are
+    :func:`prot_lib.training.fate.fate_counts`' (``n_nonfinite``, ``median_rmse_ratio_usable``, ...)
+    under this table's names.
+
+    Raises:
+        KeyError: a row lacks a fate column, or both ``variant`` and ``fix``. ValueError: an unknown
+        ``fate`` (names the row).
     """
-    out: List[Dict[str, Any]] = []
     key = "variant" if "variant" in rows else "fix"  # a shipped CSV keeps only ``variant``
-    for variant, g in rows.groupby(key, sort=False):  # one dataset per table
-        dead = g["fate"] == "dead"
-        blown = g["fate"] == "blown_up"
-        live = ~dead & ~blown & g["rmse_ratio"].notna()
-        ratio_all = g["rmse_ratio"].where(~dead, math.inf).dropna()  # NaN: no validation ran (max_steps)
-        out.append({
-            "variant": variant, "lr": float(g["lr"].iloc[0]) if "lr" in g and g["lr"].notna().any() else math.nan,
-            "n_folds": len(g), "nonfinite": int(g["nonfinite"].sum()), "dead": int(dead.sum()),
-            "blown_up": int(blown.sum()), "median_rmse_ratio": _median(ratio_all),
-            "median_rmse_ratio_live": _median(g.loc[live, "rmse_ratio"]),
-            "worst_rmse_ratio_live": float(g.loc[live, "rmse_ratio"].max()) if live.any() else math.nan,
-        })
-    return pd.DataFrame(out).set_index("variant")
+    t = fate_counts(rows, key, columns=_ABLATION_COUNTS)  # one dataset per table
+    t.index.name = "variant"
+    # the variant's lr: its first row's (a variant is one config); NaN when the rows carry none
+    lr = math.nan
+    if "lr" in rows:
+        lr = pd.to_numeric(rows["lr"], errors="coerce").astype(float)
+        lr = lr.groupby(rows[key], sort=False).agg(lambda s: s.iloc[0])
+    t.insert(0, "lr", lr)
+    return t

@@ -10,14 +10,13 @@ fold's fate as :mod:`prot_lib.training.fate` defines it.
 """
 from __future__ import annotations
 
-import math
 from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import pandas as pd
 
+from ..training.fate import fate_counts
 from ..training.kfold import KFoldResult, run_kfold
 from .cells import Cell, cell_result, grid_cells
 from .engine import run_cells
@@ -31,6 +30,13 @@ FIX_TABLE_COLUMNS = [
     "frac_nan_params_end", "folds_dead", "first_nonfinite_step", "n_live_folds", "n_blown_up", "median_val_rmse",
     "target_std", "rmse_over_std", "same_config_as",
 ]
+#: :func:`~prot_lib.training.fate.fate_counts` column -> its name in :data:`FIX_TABLE_COLUMNS`
+_FIX_COUNTS = {
+    "n_folds": "n_folds", "n_nonfinite_loss": "folds_nonfinite_loss", "n_lost": "folds_nan_params_end",
+    "n_dead": "folds_dead", "first_nonfinite_step": "first_nonfinite_step", "n_live": "n_live_folds",
+    "n_blown_up": "n_blown_up", "median_val_rmse": "median_val_rmse", "target_std": "target_std",
+    "median_rmse_ratio_live": "rmse_over_std",
+}
 
 
 class LazyRuns(abc.Mapping):
@@ -140,32 +146,24 @@ def fix_table(rows: pd.DataFrame) -> pd.DataFrame:
     standard deviation (the RMSE of predicting the mean); ``rmse_over_std``: median of the fates'
     ``rmse_ratio`` over those live folds (< 1: better than predicting the mean); ``same_config_as``: an earlier fix of the same dataset
     whose run this is (same cell key), else None.
+
+    The fate counts and medians are :func:`prot_lib.training.fate.fate_counts`' (``n_lost``, ``n_live``,
+    ``median_val_rmse``, ``median_rmse_ratio_live``, ...) under this table's names.
+
+    Raises:
+        KeyError: a row lacks a fate column, ``dataset``, ``fix``, ``cell`` or ``logged_loss_nonfinite``.
+        ValueError: an unknown ``fate`` (names the row).
     """
-    table: List[Dict[str, Any]] = []
+    keys = ["dataset", "fix"]
+    t = fate_counts(rows, keys, columns=_FIX_COUNTS).reset_index()
+    groups = rows.groupby(keys, sort=False)  # the groups of fate_counts, in the same order
+    t["folds_nonfinite_logged_loss"] = groups["logged_loss_nonfinite"].sum().astype("int64").to_numpy()
+    t["frac_nan_params_end"] = t["folds_nan_params_end"] / t["n_folds"]
+    cell_of = groups["cell"].agg(lambda c: c.iloc[0])  # a (dataset, fix) is one cell
     first_fix_of_key: Dict[Tuple[str, str], str] = {}
-    for (dataset, fix), f in rows.groupby(["dataset", "fix"], sort=False):
-        key = f["cell"].iloc[0]
-        twin = first_fix_of_key.setdefault((dataset, key), fix)
-        live = f["params_finite_end"]
-        scored = live & np.isfinite(f["final_val_rmse"])
-        firsts = f["first_nonfinite_step"].dropna()
-        median_rmse = float(f.loc[scored, "final_val_rmse"].median()) if scored.any() else math.nan
-        table.append({
-            "dataset": dataset, "fix": fix, "n_folds": len(f),
-            "folds_nonfinite_loss": int(f["first_nonfinite_loss_step"].notna().sum()),
-            "folds_nonfinite_logged_loss": int(f["logged_loss_nonfinite"].sum()),
-            "folds_nan_params_end": int((~live).sum()), "frac_nan_params_end": float((~live).mean()),
-            "folds_dead": int((f["fate"] == "dead").sum()),
-            "first_nonfinite_step": int(firsts.min()) if len(firsts) else None,
-            "n_live_folds": int(live.sum()), "n_blown_up": int((f["fate"] == "blown_up").sum()),
-            "median_val_rmse": median_rmse,
-            "target_std": float(f["target_std"].mean()),
-            "rmse_over_std": float(f.loc[scored, "rmse_ratio"].median()) if scored.any() else math.nan,
-            "same_config_as": twin if twin != fix else None,
-        })
-    t = pd.DataFrame(table, columns=FIX_TABLE_COLUMNS)
-    t["first_nonfinite_step"] = t["first_nonfinite_step"].astype("Int64")
-    return t
+    twins = [first_fix_of_key.setdefault((dataset, cell), fix) for (dataset, fix), cell in cell_of.items()]
+    t["same_config_as"] = [twin if twin != fix else None for twin, fix in zip(twins, t["fix"])]
+    return t[FIX_TABLE_COLUMNS]
 
 
 def fix_matrix(folds: Mapping[str, Optional[Sequence[int]]], fixes: Optional[Sequence[str]] = None,

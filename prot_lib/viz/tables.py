@@ -8,14 +8,16 @@ run skipped or rolled back steps. The chapters show :func:`fold_table` instead, 
 :func:`outcome_table` when several variants of a run are set side by side.
 
 Nothing here recomputes a fate: every value is read from the summary, where
-:func:`prot_lib.training.fate.fold_fate` wrote it once.
+:func:`prot_lib.training.fate.fold_fate` wrote it once, and :func:`outcome_table` sorts and counts the
+folds with :func:`prot_lib.training.fate.fold_outcomes` and :func:`~prot_lib.training.fate.fate_counts`.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Sequence
 
 import pandas as pd
+
+from ..training.fate import fate_counts, fold_outcomes
 
 __all__ = ["FOLD_COLUMNS", "POLICY_COLUMNS", "OUTCOME_COLUMNS", "fold_table", "outcome_table"]
 
@@ -67,7 +69,9 @@ def outcome_table(runs: Mapping[str, object], folds: Optional[Sequence[int]] = N
 
     A fold is *lost* when its weights are non-finite at the end (``params_finite_end`` False), *live*
     otherwise (the rule of :func:`prot_lib.experiments.fix_matrix.fix_table`); a live fold is *blown up*
-    when its fate says so (finite, but val RMSE >= 2 target std).
+    when its fate says so (finite, but val RMSE >= 2 target std). The classes are
+    :func:`prot_lib.training.fate.fold_outcomes`', the median :func:`~prot_lib.training.fate.fate_counts`'
+    ``median_val_rmse``.
 
     Args:
         runs: variant name -> :class:`~prot_lib.training.kfold.KFoldResult` or its ``summary``.
@@ -80,9 +84,10 @@ def outcome_table(runs: Mapping[str, object], folds: Optional[Sequence[int]] = N
         median over live folds with a finite RMSE, NaN if none).
 
     Raises:
-        TypeError: a value is not a run or summary. ValueError: a variant lacks one of ``folds``.
+        TypeError: a value is not a run or summary. ValueError: a variant lacks one of ``folds``, or a
+        summary holds an unknown ``fate`` (names the row).
     """
-    rows = {}
+    lists, frames = {}, []
     for name, run in runs.items():
         s = _summary_of(run)
         if folds is not None:
@@ -91,14 +96,13 @@ def outcome_table(runs: Mapping[str, object], folds: Optional[Sequence[int]] = N
                 raise ValueError(f"variant {name!r} did not run fold(s) {absent}")
             s = s[s["fold"].isin(folds)]
         s = s.sort_values("fold")
-        live = s["params_finite_end"].astype(bool)
-        rmse = s.loc[live, "final_val_rmse"].astype(float)
-        rmse = rmse[rmse.map(math.isfinite)]
-        rows[name] = {
-            "folds run": [int(f) for f in s["fold"]],
-            "folds lost": [int(f) for f in s.loc[~live, "fold"]],
-            "folds blown up": [int(f) for f in s.loc[live & (s["fate"] == "blown_up"), "fold"]],
-            "live folds": [int(f) for f in s.loc[live, "fold"]],
-            "median val RMSE, live folds": float(rmse.median()) if len(rmse) else math.nan,
-        }
-    return pd.DataFrame.from_dict(rows, orient="index", columns=OUTCOME_COLUMNS)
+        o = fold_outcomes(s, ["lost", "live", "blown_up"])
+        lists[name] = {"folds run": [int(f) for f in s["fold"]]}
+        lists[name].update({column: [int(f) for f in s.loc[which, "fold"]] for column, which in (
+            ("folds lost", o["lost"]), ("folds blown up", o["live"] & o["blown_up"]), ("live folds", o["live"]))})
+        frames.append(s.assign(_variant=name))
+    t = pd.DataFrame.from_dict(lists, orient="index", columns=OUTCOME_COLUMNS)
+    if len(t):
+        median = fate_counts(pd.concat(frames, ignore_index=True), "_variant", columns={"median_val_rmse": "m"})["m"]
+        t["median val RMSE, live folds"] = median.reindex(t.index).astype(float)  # NaN: a variant with no fold
+    return t
