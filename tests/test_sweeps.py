@@ -270,3 +270,18 @@ def test_recommended_config_sets_every_key():
 
 def test_row_columns_hold_the_fate_columns():
     assert set(FATE_COLUMNS) < set(ROW_COLUMNS) and "nonfinite" in ROW_COLUMNS
+
+
+def test_p_as_many_or_more_is_fisher_s_one_sided_exact_test():
+    from prot_lib.experiments import p_as_many_or_more
+
+    # [[12, 13], [6, 19]]: scipy.stats.fisher_exact(..., alternative="greater") gives 0.06989 (by hand:
+    # the hypergeometric tail P(X >= 12), X ~ H(N=50, K=18, n=25))
+    assert p_as_many_or_more(12, 6, 25) == pytest.approx(0.0698927, rel=1e-5)
+    assert p_as_many_or_more(0, 0, 5) == 1.0                      # nothing lost anywhere: no surprise
+    assert p_as_many_or_more(5, 0, 5) == pytest.approx(1 / 252)   # all 5 of 10 losses in the variant: 1 / C(10, 5)
+    assert p_as_many_or_more(3, 3, 10) > 0.5                      # the same count: not surprising
+    assert p_as_many_or_more(2, 1, 4, n_ref=8) == pytest.approx(  # unequal groups, summed by hand
+        (3 * 36 + 1 * 9) / 495)                                 # C(3,2) C(9,2) + C(3,3) C(9,1) over C(12,4)
+    with pytest.raises(ValueError, match="k=6, n=5"):
+        p_as_many_or_more(6, 0, 5)

@@ -25,7 +25,7 @@ from .fix_matrix import FIX_TABLE_COLUMNS, FixMatrix, fix_matrix, fix_table, sub
 from .quick import AdamStepRecorder, adam_probe, adam_toy_steps, quick_config, quick_train
 from .recommended import recommended_config, recommended_overrides, recommended_yaml
 from .runtime import quiet_lightning
-from .seeds import seed_rates, seed_sweep
+from .seeds import p_as_many_or_more, seed_rates, seed_sweep
 from .specs import SweepSpec, load_spec, spec_cells, sweep_names
 from .stability import (clip_sweep, clip_sweep_table, describe_stability, edge_table, needs_tuning_table,
                         stability_edge, stability_map, stability_pivot, summarize_clip_map)
@@ -36,7 +36,7 @@ __all__ = [
     "CLIP_SETTINGS", "ROW_COLUMNS", "Cell", "cell_config", "clip_settings", "fold_rows", "grid_cells", "setting_label",
     "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
     "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",
-    "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates",
+    "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates", "p_as_many_or_more",
     "seed_sweep", "SweepSpec", "load_spec", "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
     "describe_stability", "edge_table", "needs_tuning_table", "stability_edge", "stability_map",
     "stability_pivot", "summarize_clip_map", "SweepResult", "run_sweep",

@@ -13,6 +13,7 @@ overflow to inf while every gradient element is finite: such a fold is "recovere
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -22,7 +23,7 @@ from ..training.fate import FATES, writeup_pattern
 from .cells import BaseLike, grid_cells
 from .engine import run_cells
 
-__all__ = ["seed_sweep", "seed_rates"]
+__all__ = ["seed_sweep", "seed_rates", "p_as_many_or_more"]
 
 
 def seed_sweep(base: BaseLike, seeds: Iterable[int], folds: Optional[Sequence[int]] = None, fix: Optional[str] = None,
@@ -94,3 +95,30 @@ def seed_rates(rows: pd.DataFrame) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     if len(ps) and ps["pattern"].notna().all():
         rates["pattern_rate"] = _frac(ps["pattern"])
     return ps, rates
+
+
+def p_as_many_or_more(k: int, k_ref: int, n: int, n_ref: Optional[int] = None) -> float:
+    """How surprising is it that a variant lost ``k`` of ``n`` folds where a reference lost ``k_ref`` of
+    ``n_ref``, if the variant changed nothing? One-sided Fisher's exact test.
+
+    Under "no change" every fold of both groups is one draw from the same rate, so given the
+    ``k + k_ref`` folds lost in all, the variant's count is hypergeometric; the p-value is its upper
+    tail, P(X >= k) with X ~ Hypergeometric(N = n + n_ref, K = k + k_ref, draws = n) (Fisher 1922; the
+    ``alternative="greater"`` p-value of ``scipy.stats.fisher_exact`` on [[k, n - k], [k_ref, n_ref - k_ref]]).
+
+    Args:
+        k, n: folds lost and run by the variant.
+        k_ref, n_ref: folds lost and run by the reference (``n_ref`` default: ``n``).
+
+    Returns:
+        the p-value in (0, 1]: small means the variant lost more folds than chance alone explains.
+
+    Raises:
+        ValueError: a count below 0 or above its number of folds.
+    """
+    n_ref = n if n_ref is None else n_ref
+    if not (0 <= k <= n and 0 <= k_ref <= n_ref):
+        raise ValueError(f"need 0 <= k <= n and 0 <= k_ref <= n_ref, got k={k}, n={n}, k_ref={k_ref}, n_ref={n_ref}")
+    total, lost = n + n_ref, k + k_ref
+    tail = sum(math.comb(lost, i) * math.comb(total - lost, n - i) for i in range(k, min(lost, n) + 1))
+    return tail / math.comb(total, n)
