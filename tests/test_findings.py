@@ -36,3 +36,27 @@ def test_a_changed_record_changes_its_table(tmp_path):
 def test_an_unknown_marker_is_an_error():
     with pytest.raises(KeyError, match="'no-such-table'"):
         ft.render("<!-- table: no-such-table -->\n| x |\n<!-- /table -->\n")
+
+
+def test_the_shipped_warmup_schedules_differ_only_in_their_schedule():
+    # chapter 7 compares three files as one experiment: same model, data, lr, seeds, folds and code
+    data = ROOT / "data" / "sweeps"
+    runs = {tag: json.loads((data / f"ishigami_layers_warmup-{tag}_seeds0-4.json").read_text())
+            for tag in ("none", "epoch-literal", "step")}
+    assert {r["commit"] for r in runs.values()} == {"5908925"}
+    for r in runs.values():
+        assert r["args"]["seeds"] == [0, 1, 2, 3, 4] and r["args"]["folds"] == [0, 1, 2, 3, 4]
+        assert r["config"]["model"]["topology"] == "layers" and r["config"]["training"]["lr"] == 0.02
+        assert len(r["jobs"]) == r["rates"]["p_fold_nonfinite"]["n"] == 25
+        # the rate is the jobs' own count: a fold is non-finite when any first non-finite step is set
+        assert sum(any(j.get(k) is not None for k in ("first_nonfinite_loss_step", "first_nonfinite_grad_step",
+                                                      "first_nonfinite_param_step")) for j in r["jobs"]) \
+            == r["rates"]["p_fold_nonfinite"]["k"]
+        assert not [w for w in r["command"].split() if w.startswith("/")]
+    warm = {tag: r["config"]["training"]["warmup"] for tag, r in runs.items()}
+    assert not warm["none"]["enabled"] and warm["step"]["interval"] == "step"
+    assert (warm["epoch-literal"]["interval"], warm["epoch-literal"]["total_iters"], warm["epoch-literal"]["step_size"],
+            warm["epoch-literal"]["gamma"]) == ("epoch", 5, 10, 0.1)
+    strip = lambda cfg: {**cfg, "name": None, "description": None,  # noqa: E731
+                         "training": {**cfg["training"], "warmup": None}}
+    assert strip(runs["none"]["config"]) == strip(runs["step"]["config"]) == strip(runs["epoch-literal"]["config"])
