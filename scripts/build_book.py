@@ -51,6 +51,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from prot_lib.training.ledger import LEDGER_ENV, read_ledger, summarize_ledger
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 BOOK = REPO / "book"
@@ -242,7 +244,9 @@ class ExecResult:
     """What one papermill run did. ``message`` says where and why it failed ('' when ok).
 
     seconds: wall clock of the run. started, ended: ``time.time()`` (seconds since the epoch) when
-    papermill was started and when it exited or was killed.
+    papermill was started and when it exited or was killed. training: what the chapter trained, from
+    its ledger (:func:`prot_lib.training.ledger.summarize_ledger`: ``train_s``, ``fold_runs``,
+    ``steps``, ``ms_per_step``, ``cached_runs``, ``cached_s``), None when no ledger was kept.
     """
 
     source: Path
@@ -252,6 +256,7 @@ class ExecResult:
     message: str = ""
     started: float = 0.0
     ended: float = 0.0
+    training: dict | None = None
 
 
 def _first_error(nb_path: Path) -> str:
@@ -280,12 +285,14 @@ _STOPPING = threading.Event()  # set by an interrupted execute_all: a papermill 
 
 
 def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float,
-                     one_thread: bool = False) -> ExecResult:
+                     one_thread: bool = False, ledger: Path | None = None) -> ExecResult:
     """Run ``src`` with papermill into ``dst``; the kernel's working directory is ``src``'s folder.
 
     ci: inject ``CI = True`` after the ``parameters`` cell. timeout: seconds, wall clock, for the
     whole notebook; on expiry papermill and its kernel are killed and the result says so.
     one_thread: the kernel uses one core (:func:`kernel_env`). Safe to call from several threads.
+    ledger: a file that every k-fold run of the chapter appends one line to (``PROT_LIB_LEDGER``,
+    :mod:`prot_lib.training.ledger`; emptied first); its summary becomes ``result.training``.
     """
     check_kernel()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -298,9 +305,14 @@ def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float,
     ]
     if ci:
         cmd += ["--parameters_yaml", json.dumps({"CI": True})]
+    env = kernel_env(one_thread=one_thread)
+    if ledger is not None:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.unlink(missing_ok=True)
+        env[LEDGER_ENV] = str(ledger)
     started, start = time.time(), time.monotonic()
     proc = subprocess.Popen(
-        cmd, env=kernel_env(one_thread=one_thread), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,  # its own process group, so a timeout can kill papermill + kernel
     )
     with _RUNNING_LOCK:
@@ -321,10 +333,11 @@ def execute_notebook(src: Path, dst: Path, *, ci: bool, timeout: float,
         with _RUNNING_LOCK:
             _RUNNING.discard(proc)
     seconds, ended = time.monotonic() - start, time.time()
+    training = summarize_ledger(read_ledger(ledger)) if ledger is not None else None
     if proc.returncode != 0:
         error = _first_error(dst) or log.strip()[-3000:]
-        return ExecResult(src, dst, False, seconds, f"{src.name} failed: {error}", started, ended)
-    return ExecResult(src, dst, True, seconds, "", started, ended)
+        return ExecResult(src, dst, False, seconds, f"{src.name} failed: {error}", started, ended, training)
+    return ExecResult(src, dst, True, seconds, "", started, ended, training)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -427,7 +440,7 @@ def write_timings(path: Path, *, mode: str, jobs: int, wall_s: float, t0: float,
     """Write this build's record to ``path`` (atomically) and return it.
 
     ``{"mode", "jobs", "wall_s", "started_at", "chapters_sum_s", "chapters": {name: {"seconds", "ok",
-    "start_s", "end_s"}}}``; started_at is ``t0`` (``time.time()`` at the build's start) in UTC, and
+    "start_s", "end_s"[, "training"]}}}`` (``training``: :attr:`ExecResult.training`, where kept); started_at is ``t0`` (``time.time()`` at the build's start) in UTC, and
     start_s/end_s are seconds after it.
     Chapters recorded earlier and not run now are kept (a ``--only`` build updates its own), except
     a failed run's seconds never lower an earlier record (a failure cuts a run short).
@@ -444,6 +457,8 @@ def write_timings(path: Path, *, mode: str, jobs: int, wall_s: float, t0: float,
             seconds = max(seconds, prev["seconds"])
         chapters[r.source.name] = {"seconds": round(seconds, 1), "ok": r.ok,
                                    "start_s": round(r.started - t0, 1), "end_s": round(r.ended - t0, 1)}
+        if r.training is not None:
+            chapters[r.source.name]["training"] = r.training
     record = {"mode": mode, "jobs": jobs, "wall_s": round(wall_s, 1),
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
               "chapters_sum_s": round(sum(r.seconds for r in results), 1),
@@ -506,7 +521,8 @@ def execute_all(notebooks: list[Path], dest: Path, *, mode: str, timeout: float 
     try:
         # submitted in schedule order; the pool starts them in that order as workers free up
         futures = {pool.submit(execute_notebook, src, dest / src.name, ci=(mode == "ci"), timeout=timeout,
-                               one_thread=jobs > 1): src for src in order}
+                               one_thread=jobs > 1, ledger=TIMINGS_DIR / "ledger" / mode / f"{src.stem}.jsonl"): src
+                   for src in order}
         pending = set(futures)
         while pending:
             ready, pending = wait(pending, return_when=FIRST_COMPLETED)

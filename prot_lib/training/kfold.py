@@ -30,7 +30,7 @@ from .config import RunConfig
 from .fate import FATE_COLUMNS, fold_fate, writeup_pattern
 from .history import HistoryRecorder, params_all_finite
 from .module import NaNStudyModule
-from . import run_cache
+from . import ledger, run_cache
 from .safety_nets import safety_nets
 
 #: one row per fold: its fate (:mod:`prot_lib.training.fate`, the only definition), the steps
@@ -277,7 +277,10 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
     names a folder (the book build and the notebook tests set it), a finished run is stored there
     (:mod:`prot_lib.training.run_cache`: keyed by the config without its name, the folds, ``max_steps``
     and a hash of the library's source), and the same run asked again (by a later chapter) is read
-    back instead of recomputed. Runs given ``data`` or ``callbacks`` are never cached.
+    back instead of recomputed. Runs given ``data`` or ``callbacks`` are never cached. When
+    ``PROT_LIB_LEDGER`` names a file, every call appends one line to it (:mod:`prot_lib.training.ledger`:
+    folds, optimizer steps, seconds, cached or trained), from which the book build reports what each
+    chapter trained.
 
     Returns:
         :class:`KFoldResult`.
@@ -290,6 +293,7 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
     """
     t = config.training
     fold_list = list(range(t.k_fold)) if folds is None else [int(f) for f in folds]
+    t0 = time.perf_counter()
     # the run cache (prot_lib.training.run_cache): never for runs given their own data or callbacks
     cache = None if (callbacks or data is not None) else run_cache.entry_path(config.to_dict(), fold_list, max_steps)
     if cache is not None and cache.is_file():
@@ -297,6 +301,7 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         if run_dir is not None:  # the caller asked for the logs there: copy the cached ones
             shutil.copytree(result.run_dir, run_dir, dirs_exist_ok=True)
             result.run_dir = Path(run_dir)
+        _to_ledger(config, fold_list, result, time.perf_counter() - t0, cached=True)
         return result
     old_threads = torch.get_num_threads()
     if num_threads:
@@ -311,7 +316,14 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
         _save_cached(cache, result)
         if not keep_models:
             result.models = []
+    _to_ledger(config, fold_list, result, time.perf_counter() - t0, cached=False)
     return result
+
+
+def _to_ledger(config: RunConfig, fold_list: List[int], result: KFoldResult, seconds: float, cached: bool) -> None:
+    """One line in ``$PROT_LIB_LEDGER`` when it is set (:mod:`prot_lib.training.ledger`)."""
+    steps = int(pd.to_numeric(result.summary.get("n_steps", pd.Series(dtype=float))).fillna(0).sum())
+    ledger.record_run(config, len(fold_list), steps, seconds, cached)
 
 
 def _save_cached(path: Path, result: KFoldResult) -> None:
