@@ -15,6 +15,8 @@ Above ``training`` (which trains one k-fold run and says each fold's fate) and b
 - ``quick.py``: one short training in this process (the clip explorer, chapter 4's Adam probe);
 - ``recommended.py``: the configuration chapter 9 recommends (``prot_lib/configs/recommended/``);
   ``ablation.py``: that configuration against each of its parts alone and left out;
+- ``shipped.py``: sweeps too long for a chapter, shipped in ``data/sweeps/``: read them, and check a
+  chapter's live re-run of some of their cells against them;
 - ``runtime.py``: how a worker is set up (one thread, Lightning quiet).
 """
 from .ablation import ablation_configs, ablation_sweep, ablation_table
@@ -26,6 +28,7 @@ from .quick import AdamStepRecorder, adam_probe, adam_toy_steps, quick_config, q
 from .recommended import recommended_config, recommended_overrides, recommended_yaml
 from .runtime import quiet_lightning
 from .seeds import p_as_many_or_more, seed_rates, seed_sweep
+from .shipped import ShippedMismatch, ShippedSweep, compare_to_shipped, load_shipped
 from .specs import SweepSpec, load_spec, spec_cells, sweep_names
 from .stability import (clip_sweep, clip_sweep_table, describe_stability, edge_table, needs_tuning_table,
                         stability_edge, stability_map, stability_pivot, summarize_clip_map)
@@ -37,7 +40,7 @@ __all__ = [
     "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
     "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",
     "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates", "p_as_many_or_more",
-    "seed_sweep", "SweepSpec", "load_spec", "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
+    "seed_sweep", "ShippedMismatch", "ShippedSweep", "compare_to_shipped", "load_shipped", "SweepSpec", "load_spec", "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
     "describe_stability", "edge_table", "needs_tuning_table", "stability_edge", "stability_map",
     "stability_pivot", "summarize_clip_map", "SweepResult", "run_sweep",
 ]

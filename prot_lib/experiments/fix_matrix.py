@@ -88,6 +88,33 @@ class FixMatrix:
     per_fold: pd.DataFrame
     runs: Mapping[Tuple[str, str], KFoldResult] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_rows(cls, rows: pd.DataFrame, runs: Optional[Mapping[Tuple[str, str], KFoldResult]] = None,
+                  max_steps: int = -1) -> "FixMatrix":
+        """A fix matrix from rows already run, e.g. a shipped sweep's
+        (:func:`~prot_lib.experiments.shipped.load_shipped`, the ``fix-matrix`` spec).
+
+        Shipped rows carry no ``cell`` (its key names the code that ran it); it is restored as today's
+        key of (dataset, fix) at ``max_steps``, which is all :func:`fix_table` reads it for (two fixes
+        that are one config: ``same_config_as``).
+
+        Args:
+            rows: one row per (dataset, fix, fold), :data:`~prot_lib.experiments.cells.ROW_COLUMNS`.
+            runs: {(dataset, fix): KFoldResult} to attach as :attr:`runs` (e.g. a live re-run of some folds).
+            max_steps: the rows' optimizer steps per fold (-1: the configs' ``max_epochs``).
+
+        Raises:
+            KeyError: a row lacks ``dataset``, ``fix``, ``first_nonfinite_loss_step`` or a fate column.
+            ConfigError: an unknown dataset or fix.
+        """
+        if "cell" not in rows:
+            pairs = rows[["dataset", "fix"]].drop_duplicates()
+            key = {(ds, fix): grid_cells({ds: {}}, fixes=[fix], max_steps=max_steps)[0].key
+                   for ds, fix in pairs.itertuples(index=False)}
+            rows = rows.assign(cell=[key[(ds, fix)] for ds, fix in zip(rows["dataset"], rows["fix"])])
+        per_fold = rows.assign(loss_nonfinite=rows["first_nonfinite_loss_step"].notna())
+        return cls(table=fix_table(rows), per_fold=per_fold, runs=dict(runs or {}))
+
     def row(self, dataset: str, fix: str) -> pd.Series:
         """The table row of (dataset, fix)."""
         t = self.table
@@ -202,6 +229,5 @@ def fix_matrix(folds: Mapping[str, Optional[Sequence[int]]], fixes: Optional[Seq
             given[cell.key] = cell_result(res, cell.key, folds=cell.folds, worker="known")
     engine.setdefault("desc", "fix matrix")
     rows = run_cells(cells, known=given, **engine)
-    per_fold = rows.assign(loss_nonfinite=rows["first_nonfinite_loss_step"].notna())
     runs = LazyRuns({(c.labels["dataset"], c.labels["fix"]): c for c in cells}, known or {})
-    return FixMatrix(table=fix_table(rows), per_fold=per_fold, runs=runs)
+    return FixMatrix.from_rows(rows, runs=runs)
