@@ -226,12 +226,14 @@ def test_seed_rates_read_the_fates_and_the_writeup_pattern():
 
 # --------------------------------------------------------------------------------------------- specs
 def test_the_shipped_specs_load_and_the_fix_matrix_has_every_fix():
-    assert sweep_names() == ["ablation", "ablation-prenorm", "clip-sweep", "fix-matrix", "seed-rates", "stability-map"]
+    assert sweep_names() == ["ablation", "ablation-prenorm", "clip-sweep", "clip-sweep-layers", "fix-matrix", "seed-rates",
+                             "stability-map", "stability-map-layers"]
     fm = load_spec("fix-matrix")
     assert sorted(fm.fixes) == sorted(FIXES), "a fix in prot_lib/configs/fixes/ is missing from fix-matrix.yaml"
     quick = {name: spec_cells(load_spec(name, quick=True)) for name in sweep_names()}
-    assert {n: len(c) for n, c in quick.items()} == {"ablation": 2, "ablation-prenorm": 1, "clip-sweep": 4, "fix-matrix": 20,
-                                                      "seed-rates": 4, "stability-map": 12}
+    assert {n: len(c) for n, c in quick.items()} == {"ablation": 2, "ablation-prenorm": 1, "clip-sweep": 4, "clip-sweep-layers": 4,
+                                                      "fix-matrix": 20,
+                                                      "seed-rates": 4, "stability-map": 12, "stability-map-layers": 4}
     assert all(c.max_steps == 25 for cells in quick.values() for c in cells)  # about a minute on 2 cores
     seeds = load_spec("seed-rates")
     assert seeds.seeds == list(range(20)) and seeds.split_folds
@@ -247,7 +249,7 @@ def test_a_bad_spec_names_the_file_and_the_key(tmp_path):
     msg = str(err.value)
     assert str(bad) in msg and "bases.ishigami.fixes" in msg and "unknown fixes ['clipp']" in msg
     assert "settings" in msg and "'norm one'" in msg
-    with pytest.raises(ConfigError, match="no sweep spec 'fix-matrx'; shipped: ablation, ablation-prenorm, clip-sweep, fix-matrix"):
+    with pytest.raises(ConfigError, match="no sweep spec 'fix-matrx'; shipped: ablation, ablation-prenorm, clip-sweep, clip-sweep-layers, fix-matrix"):
         load_spec("fix-matrx")
 
 
