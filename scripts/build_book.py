@@ -481,7 +481,8 @@ def execute_all(notebooks: list[Path], dest: Path, *, mode: str, timeout: float 
     finishes. jobs > 1: every kernel computes on one core (:func:`kernel_env`); the chapters share
     the run cache, whose writes are atomic (:mod:`prot_lib.training.run_cache`). timings: the file
     that orders the chapters (:func:`schedule`, falling back on :data:`SHIPPED_SECONDS`) and that
-    receives this run's times (:func:`write_timings`); None: :func:`timings_path` of ``mode``.
+    receives this run's times (:func:`write_timings`); None: :func:`timings_path` of ``mode``. Each
+    chapter's ledger goes to ``ledger/<mode>/<chapter>.jsonl`` beside that file.
 
     A notebook that fails is kept, with its traceback, as ``dest/NAME.failed.ipynb``, which
     _config.yml excludes from the book; the others still run. prune: first delete executed
@@ -523,7 +524,7 @@ def execute_all(notebooks: list[Path], dest: Path, *, mode: str, timeout: float 
     try:
         # submitted in schedule order; the pool starts them in that order as workers free up
         futures = {pool.submit(execute_notebook, src, dest / src.name, ci=(mode == "ci"), timeout=timeout,
-                               one_thread=jobs > 1, ledger=TIMINGS_DIR / "ledger" / mode / f"{src.stem}.jsonl"): src
+                               one_thread=jobs > 1, ledger=timings.parent / "ledger" / mode / f"{src.stem}.jsonl"): src
                    for src in order}
         pending = set(futures)
         while pending:
