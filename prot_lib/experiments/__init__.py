@@ -40,7 +40,8 @@ __all__ = [
     "setting_overrides", "ENGINES", "CellStore", "run_cells", "FIX_TABLE_COLUMNS", "FixMatrix", "fix_matrix",
     "fix_table", "subset_result", "AdamStepRecorder", "adam_probe", "adam_toy_steps", "quick_config", "quick_train",
     "recommended_config", "recommended_overrides", "recommended_yaml", "quiet_lightning", "seed_rates", "p_as_many_or_more",
-    "seed_sweep", "ShippedMismatch", "ShippedSweep", "compare_to_shipped", "load_shipped", "SweepSpec", "load_spec", "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
+    "seed_sweep", "ShippedMismatch", "ShippedSweep", "compare_to_shipped", "load_shipped", "SweepSpec", "load_spec",
+    "spec_cells", "sweep_names", "clip_sweep", "clip_sweep_table",
     "describe_stability", "edge_table", "needs_tuning_table", "stability_edge", "stability_map",
     "stability_pivot", "summarize_clip_map", "SweepResult", "run_sweep",
 ]
