@@ -42,6 +42,7 @@ def one_tensor():
     del t
     after = libc.mallinfo2()
     return {"mapped": during.hblkhd - before.hblkhd, "heap_grew": during.arena - before.arena,
+            "heap_used_grew": during.uordblks - before.uordblks,
             "mapped_after_free": after.hblkhd - before.hblkhd, "free_kept_after": after.fordblks}
 
 out = {"default": one_tensor()}
@@ -67,12 +68,13 @@ def test_keep_large_allocations_serves_large_tensors_from_the_heap_and_keeps_the
     # glibc's default: a fresh mapping for the tensor, unmapped on free (nothing kept in the heap)
     assert out["default"]["mapped"] >= big and out["default"]["heap_grew"] < big
     assert out["default"]["mapped_after_free"] == 0 and out["default"]["free_kept_after"] < big
-    # on, twice (idempotent): no mapping; each tensor comes from the heap and its block stays free in
-    # it after the tensor is gone (trim threshold 1 GiB). (Whether the second reuses the first's block
-    # is glibc's business: 2.36 grows the heap again, see the module docstring.)
+    # on, twice (idempotent): no mapping; each tensor's bytes are in use in the heap while it lives and
+    # its block stays free in it after the tensor is gone (trim threshold 1 GiB). Whether the heap has
+    # to grow for it is glibc's business: it may reuse a block kept free from before (a fresh-clone CI
+    # run saw heap_grew 0 there; 2.36 often grows the heap again, see the module docstring).
     assert out["on_returns"] == [True, True]
     for one in out["on"]:
-        assert one["mapped"] == 0 and one["heap_grew"] > big // 2 and one["free_kept_after"] >= big
+        assert one["mapped"] == 0 and one["heap_used_grew"] >= big and one["free_kept_after"] >= big
     # off: the kept free blocks' pages go back to the kernel (malloc_trim), a large tensor is mapped
     # afresh again and unmapped on free
     assert out["off_returns"] is True
