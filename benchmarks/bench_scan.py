@@ -33,13 +33,15 @@ the write-up's shape, built here from :class:`prot_lib.models.Mamba`: two indepe
 plain Mamba blocks (d_model 100, d_state 16, expand 2; no residual, no norm), the second over the
 flipped sequence, their outputs concatenated to 2 * d_model, mean-pooled over L, a Linear head;
 input (50, 1023, 100) ~ N(0, 1). Each scan is patched in as ``prot_lib.models.mamba.selective_scan``.
-``no-recurrence`` replaces the recurrence by y = delta * u (same contract ops around it): what the
-rest of the model costs, a floor for any scan. ``chunked-pre13`` is the step as it ran before issue
+``no-scan`` puts a copy of u in the scan's place and hands the gradients through (:class:`_NoScanFn`):
+what everything but the scan costs, the floor for any scan in this model; its time plus the step's
+scans at their floor bounds what any exact scan could give (printed as "the best any exact scan
+could give"). ``chunked-pre13`` is the step as it ran before issue
 13's block rewrite (the chunked scan, and :func:`mamba_forward_pre13` for ``Mamba.forward``): the
 "today's step" of the issue's 5x target. ``ours+malloc`` (with ``--malloc-tuned``) is ``ours`` with
 :func:`prot_lib.utils.keep_large_allocations` switched on for its steps only (glibc keeps freed
 blocks instead of mapping every large tensor afresh; process-wide, so it is switched off again after
-each of its steps). Each variant's minor page faults and system time per step are recorded (Unix).
+each of its steps); ``no-scan+malloc`` likewise. Each variant's minor page faults and system time per step are recorded (Unix).
 
 Skips (printed, and recorded in the JSON): a call's time and peak memory are estimated from the same
 scan in the previous cell (scaled by the state updates; the reference's backward by updates x L);
@@ -125,12 +127,33 @@ def selective_scan_mambapy(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return (out, hs[:, -1]) if return_last_state else out
 
 
-def selective_scan_no_recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                                 delta_softplus=False, return_last_state=False):
-    """Not a scan: the contract's ops (bias, softplus, D skip, gate) around y = delta * u, so that a
-    model step with it costs what everything but the recurrence costs."""
-    return ss._with_contract(lambda u_, d_, A_, B_, C_: (d_ * u_, u_.new_zeros(u_.shape[:2] + A_.shape[1:])),
-                             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+class _NoScanFn(torch.autograd.Function):
+    """Not a scan, and nearly free: the forward returns a copy of u (one pass over memory) and the
+    backward hands the output's gradient to u, delta and z as it is, with zeros for B and C and
+    nothing for A, D and the bias (small parameters). Every op before and after the scan runs on
+    tensors of the shapes and layouts the real scan gives, so a model step with it costs what the
+    rest of the model costs: a floor for any scan in this model."""
+
+    @staticmethod
+    def forward(ctx, u, delta, B, C, z):
+        ctx.bc = (B.shape, C.shape, B.dtype)
+        ctx.has_z = z is not None
+        return u.transpose(1, 2).contiguous().transpose(1, 2)  # (batch, d_inner, L), time-major memory
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        b_shape, c_shape, dtype = ctx.bc
+        zero = torch.zeros((), dtype=dtype)
+        return g, g, zero.expand(b_shape), zero.expand(c_shape), g if ctx.has_z else None
+
+
+def selective_scan_no_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, return_last_state=False):
+    """Model step only: :class:`_NoScanFn` in the scan's place (what everything but the scan costs)."""
+    if return_last_state:
+        raise ValueError("no-scan gives no last state")
+    return _NoScanFn.apply(u, delta, B, C, z)
 
 
 def mamba_forward_pre13(self: Mamba, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -168,7 +191,8 @@ DESCRIPTION = {
     "pscan": f"mambapy {MAMBAPY_VERSION} pscan (Blelloch parallel scan)" if MAMBAPY_VERSION
              else "mambapy not installed: column skipped (pip install mambapy)",
     "ref": "selective_scan_reference: mamba-ssm's selective_scan_ref as published (O(L^2) backward)",
-    "no-recurrence": "model step only: y = delta * u instead of the recurrence (what the rest costs)",
+    "no-scan": "model step only: a copy of u in the scan's place, gradients handed through (what "
+               "everything but the scan costs: the floor for any scan in this model)",
     "chunked-pre13": "model step only: the step before issue 13 (the chunked scan in Mamba.forward as of "
                      "bf62e67: nn.Conv1d on (batch, d_inner, L), transposed copies)",
     "ours+malloc": "model step only, with --malloc-tuned: ours with prot_lib.utils.keep_large_allocations() "
@@ -443,7 +467,7 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
     batch, L, d_model, n_layers, d_state = args.model_shape
     d_inner = 2 * d_model
     variants = {n: SCANS[n] for n in ("ours", "chunked", "unbind", "pscan") if SCANS.get(n) is not None}
-    variants["no-recurrence"] = selective_scan_no_recurrence
+    variants["no-scan"] = selective_scan_no_scan
     forwards = {}
     for name, (scan, forward) in BLOCK_VARIANTS.items():
         variants[name], forwards[name] = scan, forward
@@ -458,9 +482,11 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
     if args.malloc_tuned:
         if keep_large_allocations(False):  # a no-op returning False where the C library is not glibc
             variants["ours+malloc"] = variants["ours"]
-            malloc_tuned.add("ours+malloc")
+            variants["no-scan+malloc"] = variants["no-scan"]
+            malloc_tuned.update(("ours+malloc", "no-scan+malloc"))
         else:
-            row["skipped"]["ours+malloc"] = "not glibc: keep_large_allocations() changes nothing here"
+            for name in ("ours+malloc", "no-scan+malloc"):
+                row["skipped"][name] = "not glibc: keep_large_allocations() changes nothing here"
     # unbind and pscan keep (batch, L, d_inner, d_state) tensors per scan for the backward: skip them
     # where 2 * n_layers x their peak in the matching fwd+bwd cell would not fit
     for name in ("unbind", "pscan"):
@@ -535,6 +561,12 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
                 row["ratios"][f"{n}/ours+malloc"] = row["time_s"][n] / row["time_s"]["ours+malloc"]
     row["scan_floor_s"] = 2 * n_layers * statistics.median(
         [floor_call(floor_updates(batch, d_inner, d_state, L, "fwd+bwd")) for _ in range(3)])
+    # what any exact scan could give at best in this model: the rest of the step (no-scan) plus the
+    # step's scans at their floor; over chunked-pre13, an upper bound of the model-step ratio
+    row["bound"] = {f"chunked-pre13/({rest} + scan floor)": row["time_s"]["chunked-pre13"]
+                    / (row["time_s"][rest] + row["scan_floor_s"])
+                    for rest in ("no-scan", "no-scan+malloc")
+                    if rest in row["time_s"] and "chunked-pre13" in row["time_s"]}
     rows.append(row)
     save()
     log(f"model step thr={threads} (B={batch} L={L} d_model={d_model}, {2 * n_layers} scans, their floor "
@@ -549,6 +581,8 @@ def bench_model_step(args, threads: int, cells: List[Dict], log, rows: List[Dict
         pre13 = row["time_s"]["chunked-pre13"]
         log("  chunked-pre13 / variant (issue 13's model-step target: >= 5x): " + ", ".join(
             f"{n} {pre13 / t:.2f}x" for n, t in row["time_s"].items() if n != "chunked-pre13"))
+        log("  the best any exact scan could give (chunked-pre13 / (everything but the scan + the scans' "
+            "floor)): " + ", ".join(f"{k} {v:.2f}x" for k, v in row["bound"].items()))
 
 
 # ----------------------------------------------------------------------------- report
@@ -630,7 +664,8 @@ def parse_args(argv=None):
     p.add_argument("--model-repeats", type=int, default=None, help="timed model steps per scan (default 3)")
     p.add_argument("--no-model-step", action="store_true", help="skip the model step")
     p.add_argument("--malloc-tuned", action="store_true",
-                   help="model step: also time ours+malloc, ours with prot_lib.utils.keep_large_allocations()")
+                   help="model step: also time ours+malloc and no-scan+malloc, with "
+                        "prot_lib.utils.keep_large_allocations()")
     p.add_argument("--with-ref", action="store_true", help="also time mamba-ssm's reference algorithm")
     p.add_argument("--json", type=Path, default=None, help=f"output JSON (default {DEFAULT_JSON.relative_to(ROOT)})")
     p.add_argument("--max-ref-call-s", type=float, default=60.0,
