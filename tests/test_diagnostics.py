@@ -212,3 +212,18 @@ def test_no_snapshot_while_training_stays_finite(tmp_path):
     assert snap.snapshot is None
     with pytest.raises(ValueError, match="no snapshot"):
         snapshot_module(snap.snapshot, reproduction_config("ishigami"))
+
+
+def test_params_all_finite_checks_every_parameter_of_every_dtype():
+    from prot_lib.diagnostics import params_all_finite
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2).double())
+    assert params_all_finite(m) is True
+    assert params_all_finite(torch.nn.ReLU()) is True  # no parameters
+    with torch.no_grad():
+        m[1].bias[1] = float("inf")  # the float64 group, its last tensor
+    assert params_all_finite(m) is False
+    with torch.no_grad():
+        m[1].bias[1] = 0.0
+        m[0].weight[2, 0] = float("nan")  # the float32 group
+    assert params_all_finite(m) is False

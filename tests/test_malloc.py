@@ -100,12 +100,14 @@ def test_benchmark_model_step_times_ours_with_and_without_the_setting(tmp_path):
                            "--no-memory", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     step = json.loads(out.read_text())["model_step"][0]
-    names = {"ours", "ours+malloc", "chunked-pre13", "chunked", "no-recurrence"}
+    names = {"ours", "ours+malloc", "chunked-pre13", "chunked", "no-scan", "no-scan+malloc"}
     assert names <= set(step["time_s"]) and names <= set(step["minor_faults"]) and names <= set(step["sys_s"])
     t = step["time_s"]
     assert step["ratios"]["chunked-pre13/ours+malloc"] == pytest.approx(t["chunked-pre13"] / t["ours+malloc"])
     assert step["ratios"]["ours/ours+malloc"] == pytest.approx(t["ours"] / t["ours+malloc"])
     assert "chunked-pre13 / variant (issue 13's model-step target: >= 5x): ours " in done.stdout
+    assert step["bound"]["chunked-pre13/(no-scan+malloc + scan floor)"] == pytest.approx(
+        t["chunked-pre13"] / (t["no-scan+malloc"] + step["scan_floor_s"]))
 
 
 @pytest.mark.skipif(not ON_GLIBC, reason="the mallopt setting asserts glibc in its child process")

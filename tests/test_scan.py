@@ -484,4 +484,7 @@ def test_benchmark_quick_mode_runs(tmp_path):
                 if name != "against":
                     assert err["max_rel"] < 1e-5, (name, err)
     step = result["model_step"][0]
-    assert {"ours", "chunked", "no-recurrence"} <= set(step["time_s"]) and step["scan_floor_s"] > 0
+    assert {"ours", "chunked", "no-scan", "chunked-pre13"} <= set(step["time_s"]) and step["scan_floor_s"] > 0
+    t = step["time_s"]  # the bound: what any exact scan could give, from no-scan and the scans' floor
+    assert step["bound"]["chunked-pre13/(no-scan + scan floor)"] == pytest.approx(
+        t["chunked-pre13"] / (t["no-scan"] + step["scan_floor_s"]))

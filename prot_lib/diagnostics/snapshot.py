@@ -48,8 +48,17 @@ def clone_batch(obj: Any) -> Any:
 
 
 def params_all_finite(module: torch.nn.Module) -> bool:
-    """True when every parameter of ``module`` is finite (one fused reduction per parameter)."""
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    """True when every parameter of ``module`` is finite (True for a module without parameters).
+
+    The parameters of each (device, dtype) are flattened into one tensor and checked with one
+    ``isfinite().all()`` and one host sync, instead of one each per parameter: the book's
+    HistoryRecorder calls this after every optimizer step, and with 77 small parameter tensors the
+    per-parameter loop cost about 6 ms of a 90 ms step (cProfile of one 250-step Ishigami fold of the
+    stacks reproduction). The copy is the parameters' size (4 bytes a float32 parameter)."""
+    groups: dict = {}
+    for p in module.parameters():
+        groups.setdefault((p.device, p.dtype), []).append(p.detach().reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(flat)).all()) for flat in groups.values())
 
 
 def _fold_of(trainer, me) -> Optional[int]:

@@ -8,6 +8,8 @@ scan of :mod:`.numba_scan` where numba imports, else the pure-PyTorch chunked sc
 :mod:`.chunked_scan`; ``numba``: the compiled scan, an error without numba; ``torch``: always the
 chunked scan; tensors on other devices always take the chunked scan). The Mamba block's causal
 depthwise convolution follows the same choice (the kernels of :mod:`.numba_conv` or torch ops).
+Both sets of kernels take their large tensors from :mod:`.buffer_pool` (``$PROT_LIB_BUFFER_POOL_MB``,
+0 to switch it off).
 """
 from .bimamba import NORM_POSITIONS, TOPOLOGIES, BiMamba, BiMambaLayer, BiMambaStacks, S6Regressor
 from .build import build_model

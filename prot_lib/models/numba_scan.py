@@ -55,7 +55,9 @@ The kernels
   them, with the gate's, the skip's and softplus's derivatives at each step.
   Memory: the saved states, batch * d_inner * d_state * ceil(L / T) floats, two or three
   (batch, L, d_inner) tensors, and per thread 2 * T * N * d_inner floats (buffers); never a
-  (batch, d_inner, d_state, L) tensor.
+  (batch, d_inner, d_state, L) tensor. The output, the saved tensors and the three large
+  gradients come from :mod:`.buffer_pool` (memory of earlier calls that nothing refers to any
+  more, already paged in), not from fresh pages.
 * exp: numba's ``math.exp`` on float32 is a scalar libm call that stops the loop from vectorising,
   so :func:`_expf` is written here: Cody-Waite range reduction x = k ln2 + r, the Cephes ``expf``
   polynomial for exp(r), and 2^k set in the exponent bits in two steps, so that results in
