@@ -123,3 +123,14 @@ def test_an_output_the_caller_keeps_is_never_written_by_a_later_call():
         for _ in range(3):
             block.conv1d(torch.randn(2, 1024, 128))
     assert torch.equal(conv_out, snapshot)
+
+
+def test_run_kfold_gives_the_pools_free_memory_back(tmp_path, monkeypatch):
+    from prot_lib.training import reproduction_config, run_kfold
+
+    monkeypatch.setenv("PROT_LIB_CACHE", str(tmp_path / "cache"))
+    leftover = buffer_pool.empty(BIG)  # memory an earlier, bigger model left in the pool
+    del leftover
+    assert buffer_pool.stats()["free_bases"] == 1
+    run_kfold(reproduction_config("ishigami"), folds=[0], max_steps=2, progress=False, run_dir=tmp_path / "r")
+    assert buffer_pool.stats()["bases"] == 0 and buffer_pool.stats()["held_bytes"] == 0

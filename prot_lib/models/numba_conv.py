@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import buffer_pool
+from .buffer_pool import empty as pooled_empty
 from .numba_scan import AVAILABLE, UNAVAILABLE_REASON, _flat, _jit, _run_items, channel_block
 
 Tensor = torch.Tensor
@@ -136,7 +136,7 @@ class _NumbaConvFn(torch.autograd.Function):
         batch, L, C = x.shape
         w = weight[:, 0, :].t().contiguous()  # (K, C)
         b = bias.contiguous() if bias is not None else x.new_zeros(C)
-        out = buffer_pool.empty((batch, L, C))  # memory already paged in (see buffer_pool)
+        out = pooled_empty((batch, L, C))  # memory already paged in (see buffer_pool)
         block = channel_block(batch, C)
         _run_items(_conv_forward_items, batch * (-(-C // block)), *_flat(x), w.numpy(),
                    b.detach().numpy(), out.numpy(), bias is not None, block)
@@ -151,7 +151,7 @@ class _NumbaConvFn(torch.autograd.Function):
         batch, L, C = x.shape
         g = g.contiguous()
         want_gx = ctx.needs_input_grad[0]
-        gx = buffer_pool.empty(g.shape) if want_gx else g.new_empty((1, 1, 1))
+        gx = pooled_empty(g.shape) if want_gx else g.new_empty((1, 1, 1))
         gw = g.new_empty((batch, w.shape[0], C))
         gb = g.new_empty((batch, C))
         block = channel_block(batch, C)

@@ -109,7 +109,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from . import buffer_pool
+from .buffer_pool import empty as pooled_empty
 
 try:
     import numba
@@ -669,11 +669,11 @@ class _NumbaScanFn(torch.autograd.Function):
         bias = delta_bias.contiguous() if delta_bias is not None else ut.new_zeros(d_inner)
         zt = _channel_last(z) if z is not None else ut.new_zeros((1, 1, 1))
         # the large tensors from the buffer pool (memory already paged in; see buffer_pool)
-        out = buffer_pool.empty((batch, L, d_inner))
+        out = pooled_empty((batch, L, d_inner))
         last = ut.new_empty((batch, d_state, d_inner))
-        starts = buffer_pool.empty((batch, -(-L // T) if save else 0, d_state, d_inner))
-        dt_save = buffer_pool.empty((batch, L, d_inner)) if save else dummy
-        v_save = buffer_pool.empty((batch, L, d_inner)) if save and z is not None else dummy
+        starts = pooled_empty((batch, -(-L // T) if save else 0, d_state, d_inner))
+        dt_save = pooled_empty((batch, L, d_inner)) if save else dummy
+        v_save = pooled_empty((batch, L, d_inner)) if save and z is not None else dummy
         flags = (int(softplus), int(D is not None), int(delta_bias is not None), int(z is not None))
         block = channel_block(batch, d_inner)
         _run_items(_forward_items, batch * (-(-d_inner // block)), _np(ut), _np(dl), _np(At), _np(Bc),
@@ -696,8 +696,8 @@ class _NumbaScanFn(torch.autograd.Function):
         g_last = ut.new_zeros((batch, d_state, d_inner)) if g_last is None else _time_major(g_last)
         block = channel_block(batch, d_inner)
         n_blocks = -(-d_inner // block)
-        gu, gdl = buffer_pool.empty(ut.shape), buffer_pool.empty(ut.shape)
-        gz = buffer_pool.empty(ut.shape) if has_z else ut.new_zeros((1, 1, 1))
+        gu, gdl = pooled_empty(ut.shape), pooled_empty(ut.shape)
+        gz = pooled_empty(ut.shape) if has_z else ut.new_zeros((1, 1, 1))
         gA = ut.new_empty((batch, d_state, d_inner))
         gB = ut.new_empty((n_blocks, batch, d_state, L))
         gC = ut.new_empty((n_blocks, batch, d_state, L))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import SequenceData, load_dataset
 from ..diagnostics.autopsy import NonFiniteTrainingError
+from ..models import buffer_pool
 from .config import RunConfig
 from .fate import FATE_COLUMNS, fold_fate, writeup_pattern
 from .history import HistoryRecorder, params_all_finite
@@ -312,6 +313,7 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
                             max_steps)
     finally:
         torch.set_num_threads(old_threads)
+        buffer_pool.clear()  # the scan's reused memory back to the C library between runs
     if cache is not None:
         _save_cached(cache, result)
         if not keep_models:
