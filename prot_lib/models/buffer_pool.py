@@ -96,7 +96,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Ten
     numel = 1
     for s in shape:
         numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < MIN_BYTES or not enabled():
         return torch.empty(shape, dtype=dtype)
     key = (numel, dtype)

@@ -324,7 +324,7 @@ def run_kfold(config: RunConfig, folds: Optional[Iterable[int]] = None, data: Op
 
 def _to_ledger(config: RunConfig, fold_list: List[int], result: KFoldResult, seconds: float, cached: bool) -> None:
     """One line in ``$PROT_LIB_LEDGER`` when it is set (:mod:`prot_lib.training.ledger`)."""
-    steps = int(pd.to_numeric(result.summary.get("n_steps", pd.Series(dtype=float))).fillna(0).sum())
+    steps = int(result.summary["n_steps"].sum())  # SUMMARY_COLUMNS: every summary has it
     ledger.record_run(config, len(fold_list), steps, seconds, cached)
 
 
