@@ -76,9 +76,11 @@ def test_keep_large_allocations_serves_large_tensors_from_the_heap_and_keeps_the
     for one in out["on"]:
         assert one["mapped"] == 0 and one["heap_used_grew"] >= big and one["free_kept_after"] >= big
     # off: the kept free blocks' pages go back to the kernel (malloc_trim), a large tensor is mapped
-    # afresh again and unmapped on free
+    # afresh again and unmapped on free. At least the one 64 MiB block kept free goes back; two only
+    # where glibc grew the heap for the second tensor instead of reusing the first one's block (a
+    # fresh-clone CI run saw 64 MiB, one block, given back)
     assert out["off_returns"] is True
-    assert out["resident_before_off"] - out["resident_after_off"] >= 2 * big
+    assert out["resident_before_off"] - out["resident_after_off"] >= big
     assert out["off"]["mapped"] >= big and out["off"]["heap_grew"] < big and out["off"]["mapped_after_free"] == 0
 
 
