@@ -8,7 +8,7 @@ scan of one Mamba block at the write-up's shape (batch 50, L 1023, d_inner 200) 
 softplus and y + D u saved for the backward, the saved chunk states, and three gradients. In the
 write-up's training step (8 scans) the scans' minor page faults cost about 3 s of system time of a
 15 s step on one thread (``python benchmarks/bench_scan.py``, ``ours`` against ``no-scan``:
-benchmarks/README.md, "Measured (issue 13, the scan's own memory)").
+benchmarks/README.md, "Measured (issue 13, the scan's share, and its own memory)").
 :func:`prot_lib.utils.keep_large_allocations` removes the faults for the whole process, but it
 changes every allocation of the process and is opt-in; this pool touches only the kernels' own
 tensors and is on by default.
